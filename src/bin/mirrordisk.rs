@@ -1,0 +1,60 @@
+//! `mirrordisk`: the node agent and its tools (serve, and later agent and demo).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use mirrordisk::shell::serve::{self, ServeConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "mirrordisk", version, about = "Userspace synchronous mirror disk served over NBD")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export one file or block device over NBD (no mirroring).
+    Serve {
+        /// Backing regular file or block device; never created, truncated or resized.
+        path: PathBuf,
+        /// TCP address to listen on, e.g. 127.0.0.1:10809.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<SocketAddr>,
+        /// Unix socket path to listen on (a stale socket file is replaced).
+        #[arg(long, value_name = "SOCKET")]
+        unix: Option<PathBuf>,
+        /// Export name; clients asking for the default export ("") also get it.
+        #[arg(long, value_name = "EXPORT", default_value = "")]
+        name: String,
+        /// Refuse writes (the backing is opened read-only).
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Serve { path, listen, unix, name, read_only } => {
+            serve::run(ServeConfig { path, listen, unix, name, read_only })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("mirrordisk: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MIRRORDISK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,8 @@
+//! The I/O shell: the only code that touches sockets, io_uring, files, clocks and processes.
+
+pub mod buffers;
+pub mod disk;
+pub mod nbd_server;
+pub mod serve;
+pub mod uring;
+pub mod volume;
