@@ -5,5 +5,5 @@
 
 pub mod constants;
 pub mod core;
-pub mod shell;
 pub mod fuzzing;
+pub mod shell;

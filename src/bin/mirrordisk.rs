@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use mirrordisk::shell::serve::{self, ServeConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "mirrordisk", version, about = "Userspace synchronous mirror disk served over NBD")]
+#[command(
+    name = "mirrordisk",
+    version,
+    about = "Userspace synchronous mirror disk served over NBD"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,9 +44,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Serve { path, listen, unix, name, read_only } => {
-            serve::run(ServeConfig { path, listen, unix, name, read_only })
-        }
+        Command::Serve {
+            path,
+            listen,
+            unix,
+            name,
+            read_only,
+        } => serve::run(ServeConfig {
+            path,
+            listen,
+            unix,
+            name,
+            read_only,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,5 +70,10 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MIRRORDISK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 }

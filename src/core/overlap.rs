@@ -53,7 +53,7 @@ impl ByteRange {
 
     pub fn is_aligned(&self, block_bytes: u64) -> bool {
         assert!(block_bytes.is_power_of_two());
-        self.start % block_bytes == 0 && self.end % block_bytes == 0
+        self.start.is_multiple_of(block_bytes) && self.end.is_multiple_of(block_bytes)
     }
 }
 
@@ -129,8 +129,8 @@ impl RangeLocks {
         let mut index = 0;
         while index < self.waiting.len() {
             let (waiter, range) = self.waiting[index];
-            let blocked = still_waiting.iter().any(|w| w.overlaps(&range))
-                || self.overlaps_active(&range);
+            let blocked =
+                still_waiting.iter().any(|w| w.overlaps(&range)) || self.overlaps_active(&range);
             if blocked {
                 still_waiting.push(range);
                 index += 1;

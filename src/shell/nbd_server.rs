@@ -62,7 +62,9 @@ struct Connection {
 
 impl IoSink for Connection {
     fn complete(&self, tag: ReplyTag, result: Result<(), Errno>, data: Option<ReadData>) {
-        self.replies.borrow_mut().push_back(Reply { tag, result, data });
+        self.replies
+            .borrow_mut()
+            .push_back(Reply { tag, result, data });
         self.reply_ready.notify_one();
     }
 }
@@ -76,7 +78,11 @@ impl Connection {
 
 /// Runs the handshake on `stream`. Returns the negotiated parameters and any bytes the
 /// client sent past the end of the handshake, or `None` when the connection ended.
-async fn handshake<S>(stream: &mut S, export: &Export, peer: &str) -> io::Result<Option<(Negotiated, Vec<u8>)>>
+async fn handshake<S>(
+    stream: &mut S,
+    export: &Export,
+    peer: &str,
+) -> io::Result<Option<(Negotiated, Vec<u8>)>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -152,7 +158,12 @@ pub async fn serve_connection<S: SplitStream>(
             return;
         }
     };
-    info!(peer, export = negotiated.export_name, structured = negotiated.structured_replies, "client connected");
+    info!(
+        peer,
+        export = negotiated.export_name,
+        structured = negotiated.structured_replies,
+        "client connected"
+    );
     let params = TransmissionParams {
         size_bytes: export.info.size_bytes,
         read_only: export.info.read_only,
@@ -173,6 +184,9 @@ pub async fn serve_connection<S: SplitStream>(
     let (reader, writer) = stream.split_owned();
     let writer_task = tokio::task::spawn_local(write_replies(writer, conn.clone()));
     let outcome = read_requests(reader, leftover, &export, &conn, params, shutdown).await;
+    // The reader batches ring submissions until it would wait; whatever it queued before
+    // stopping must still reach the kernel, or those requests would never be answered.
+    export.volume.flush_submissions();
     match &outcome {
         Ok(reason) => debug!(peer, reason, "reader finished"),
         Err(error) => debug!(peer, %error, "reader failed"),
@@ -210,8 +224,10 @@ where
     loop {
         // Handle every complete request header already buffered.
         while end - start >= REQUEST_HEADER_BYTES {
-            let header_bytes: &[u8; REQUEST_HEADER_BYTES] =
-                buf[start..start + REQUEST_HEADER_BYTES].try_into().expect("slice length");
+            let header_bytes: &[u8; REQUEST_HEADER_BYTES] = buf
+                [start..start + REQUEST_HEADER_BYTES]
+                .try_into()
+                .expect("slice length");
             let header = match decode_request_header(header_bytes) {
                 Ok(header) => header,
                 Err(error) => {
@@ -222,13 +238,27 @@ where
             };
             let request = match validate(&header, &params) {
                 Decision::Execute(request) => request,
-                Decision::Reject { cookie, errno, discard_bytes, reason } => {
+                Decision::Reject {
+                    cookie,
+                    errno,
+                    discard_bytes,
+                    reason,
+                } => {
                     debug!(cookie, ?errno, reason, "request rejected");
                     start += REQUEST_HEADER_BYTES;
                     let in_buffer = (end - start).min(discard_bytes as usize);
                     start += in_buffer;
-                    discard(&mut reader, discard_bytes as usize - in_buffer, &mut buf[end..]).await?;
-                    conn.push_error(cookie, header.kind == crate::core::nbd::wire::CMD_READ, errno);
+                    discard(
+                        &mut reader,
+                        discard_bytes as usize - in_buffer,
+                        &mut buf[end..],
+                    )
+                    .await?;
+                    conn.push_error(
+                        cookie,
+                        header.kind == crate::core::nbd::wire::cmd::READ,
+                        errno,
+                    );
                     continue;
                 }
                 Decision::Disconnect => return Ok("client sent NBD_CMD_DISC"),
@@ -248,12 +278,19 @@ where
             }
             start += REQUEST_HEADER_BYTES;
             let (offset, length) = (request.offset(), request.length());
-            let tag = ReplyTag { cookie: request.cookie(), is_read: request.command() == Command::Read };
+            let tag = ReplyTag {
+                cookie: request.cookie(),
+                is_read: request.command() == Command::Read,
+            };
             let block_request = match request.command() {
                 Command::Read => {
                     let layout = volume.layout(offset, length);
                     let data = get_buffer(&pool, volume, layout.buf_bytes).await;
-                    BlockRequest::Read { offset, length, buf: data }
+                    BlockRequest::Read {
+                        offset,
+                        length,
+                        buf: data,
+                    }
                 }
                 Command::Write { fua } => {
                     let layout = volume.layout(offset, length);
@@ -267,13 +304,30 @@ where
                         volume.flush_submissions();
                         reader.read_exact(&mut payload[in_buffer..]).await?;
                     }
-                    BlockRequest::Write { offset, length, buf: data, fua }
+                    BlockRequest::Write {
+                        offset,
+                        length,
+                        buf: data,
+                        fua,
+                    }
                 }
                 Command::Flush => BlockRequest::Flush,
-                Command::Trim { fua } => BlockRequest::Trim { offset, length, fua },
-                Command::WriteZeroes { fua, no_hole, fast_zero } => {
-                    BlockRequest::WriteZeroes { offset, length, fua, no_hole, fast_zero }
-                }
+                Command::Trim { fua } => BlockRequest::Trim {
+                    offset,
+                    length,
+                    fua,
+                },
+                Command::WriteZeroes {
+                    fua,
+                    no_hole,
+                    fast_zero,
+                } => BlockRequest::WriteZeroes {
+                    offset,
+                    length,
+                    fua,
+                    no_hole,
+                    fast_zero,
+                },
                 Command::Cache => BlockRequest::Cache { offset, length },
             };
             conn.in_flight.set(conn.in_flight.get() + 1);
@@ -305,7 +359,11 @@ where
 }
 
 /// A pooled buffer, waiting (and so not reading the socket) while the pool is empty.
-async fn get_buffer(pool: &Rc<crate::shell::buffers::BufferPool>, volume: &LocalVolume, bytes: usize) -> Buf {
+async fn get_buffer(
+    pool: &Rc<crate::shell::buffers::BufferPool>,
+    volume: &LocalVolume,
+    bytes: usize,
+) -> Buf {
     if let Some(buf) = pool.try_get(bytes) {
         return buf;
     }
@@ -314,7 +372,11 @@ async fn get_buffer(pool: &Rc<crate::shell::buffers::BufferPool>, volume: &Local
 }
 
 /// Reads and drops `count` bytes (the payload of a rejected write).
-async fn discard<R: AsyncRead + Unpin>(reader: &mut R, mut count: usize, scratch: &mut [u8]) -> io::Result<()> {
+async fn discard<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    mut count: usize,
+    scratch: &mut [u8],
+) -> io::Result<()> {
     let mut own = Vec::new();
     let scratch = if scratch.len() >= 4096 {
         scratch
@@ -364,7 +426,13 @@ where
                 (Ok(()), Some(_)) => reply::encode_simple_reply(&mut headers, cookie, None),
                 (result, _) => {
                     let result = result.map_err(|errno| (errno, errno_message(errno)));
-                    reply::encode_reply(&mut headers, conn.structured, reply.tag.is_read, cookie, result);
+                    reply::encode_reply(
+                        &mut headers,
+                        conn.structured,
+                        reply.tag.is_read,
+                        cookie,
+                        result,
+                    );
                 }
             }
             let data = reply.data.as_ref().map(|_| index);
@@ -374,7 +442,11 @@ where
         for (from, to, data) in &spans {
             slices.push(IoSlice::new(&headers[*from..*to]));
             if let Some(index) = data {
-                let bytes = batch[*index].data.as_ref().expect("data present").as_slice();
+                let bytes = batch[*index]
+                    .data
+                    .as_ref()
+                    .expect("data present")
+                    .as_slice();
                 slices.push(IoSlice::new(bytes));
             }
         }
@@ -414,7 +486,10 @@ fn errno_message(errno: Errno) -> &'static str {
     }
 }
 
-async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
     while !slices.is_empty() {
         let n = writer.write_vectored(slices).await?;
         if n == 0 {

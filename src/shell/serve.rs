@@ -13,7 +13,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::constants::{BUFFER_POOL_BYTES_MAX, NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_CONNECTIONS_MAX, NBD_PAYLOAD_BYTES_MAX};
+use crate::constants::{
+    BUFFER_POOL_BYTES_MAX, NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_CONNECTIONS_MAX,
+    NBD_PAYLOAD_BYTES_MAX,
+};
 use crate::core::nbd::handshake::ExportInfo;
 use crate::shell::buffers::BufferPool;
 use crate::shell::disk::open_backing;
@@ -75,17 +78,28 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let result = local.block_on(&runtime, async move {
         let pool = BufferPool::new(BUFFER_POOL_BYTES_MAX);
         let volume = Rc::new(LocalVolume::new(backing, ring, pool));
-        let export = Rc::new(Export { info, volume: volume.clone() });
+        let export = Rc::new(Export {
+            info,
+            volume: volume.clone(),
+        });
         let ring_task = tokio::task::spawn_local(drive_ring(volume.clone()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut accepters = Vec::new();
         if let Some(listener) = std_tcp {
             let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-            accepters.push(tokio::task::spawn_local(accept_tcp(listener, export.clone(), shutdown_rx.clone())));
+            accepters.push(tokio::task::spawn_local(accept_tcp(
+                listener,
+                export.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         if let Some(listener) = std_unix {
             let listener = UnixListener::from_std(listener).map_err(|e| e.to_string())?;
-            accepters.push(tokio::task::spawn_local(accept_unix(listener, export.clone(), shutdown_rx.clone())));
+            accepters.push(tokio::task::spawn_local(accept_unix(
+                listener,
+                export.clone(),
+                shutdown_rx.clone(),
+            )));
         }
         wait_for_signal().await?;
         info!("shutting down: draining in-flight requests");
@@ -111,8 +125,11 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
 }
 
 fn bind_tcp(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("--listen {addr}: {e}"))?;
-    listener.set_nonblocking(true).map_err(|e| format!("--listen {addr}: {e}"))?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("--listen {addr}: {e}"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--listen {addr}: {e}"))?;
     Ok(listener)
 }
 
@@ -122,15 +139,24 @@ fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(format!("--unix {}: exists and is not a socket", path.display()));
+            return Err(format!(
+                "--unix {}: exists and is not a socket",
+                path.display()
+            ));
         }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(format!("--unix {}: another server is listening there", path.display()));
+            return Err(format!(
+                "--unix {}: another server is listening there",
+                path.display()
+            ));
         }
         std::fs::remove_file(path).map_err(|e| format!("--unix {}: {e}", path.display()))?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| format!("--unix {}: {e}", path.display()))?;
-    listener.set_nonblocking(true).map_err(|e| format!("--unix {}: {e}", path.display()))?;
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| format!("--unix {}: {e}", path.display()))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("--unix {}: {e}", path.display()))?;
     Ok(listener)
 }
 
@@ -158,8 +184,11 @@ impl AsRawFd for RingFd {
 /// ring fd is pollable; completions that happen inline during a submit are handled by
 /// `flush_submissions` directly, so this task only sees truly asynchronous ones.
 async fn drive_ring(volume: Rc<LocalVolume>) {
-    let fd = AsyncFd::with_interest(RingFd(volume.ring_fd()), Interest::READABLE)
-        .expect("registering the io_uring fd with the reactor");
+    // SAFETY: the ring fd belongs to `volume.ring`, which this task keeps alive (it owns
+    // an `Rc` to the volume) for as long as the `AsyncFd` exists, and never replaces.
+    let fd =
+        unsafe { AsyncFd::register_with_interest(RingFd(volume.ring_fd()), Interest::READABLE) }
+            .unwrap_or_else(|e| panic!("registering the io_uring fd with the reactor: {e}"));
     loop {
         let mut guard = fd.readable().await.expect("polling the io_uring fd");
         // Clear first, then drain: a completion posted after the drain raises a new edge.
@@ -169,7 +198,11 @@ async fn drive_ring(volume: Rc<LocalVolume>) {
     }
 }
 
-async fn accept_tcp(listener: TcpListener, export: Rc<Export>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_tcp(
+    listener: TcpListener,
+    export: Rc<Export>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -187,7 +220,11 @@ async fn accept_tcp(listener: TcpListener, export: Rc<Export>, mut shutdown: wat
     while connections.join_next().await.is_some() {}
 }
 
-async fn accept_unix(listener: UnixListener, export: Rc<Export>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_unix(
+    listener: UnixListener,
+    export: Rc<Export>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -210,8 +247,17 @@ fn spawn_connection<S: SplitStream>(
     shutdown: &watch::Receiver<bool>,
 ) {
     if connections.len() >= NBD_CONNECTIONS_MAX {
-        warn!(peer, limit = NBD_CONNECTIONS_MAX, "too many connections; refusing");
+        warn!(
+            peer,
+            limit = NBD_CONNECTIONS_MAX,
+            "too many connections; refusing"
+        );
         return;
     }
-    connections.spawn_local(serve_connection(stream, export.clone(), peer, shutdown.clone()));
+    connections.spawn_local(serve_connection(
+        stream,
+        export.clone(),
+        peer,
+        shutdown.clone(),
+    ));
 }

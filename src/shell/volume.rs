@@ -70,13 +70,35 @@ pub struct BufferLayout {
 #[derive(Debug)]
 pub enum BlockRequest {
     /// `buf` has the layout from [`LocalVolume::layout`].
-    Read { offset: u64, length: u32, buf: Buf },
+    Read {
+        offset: u64,
+        length: u32,
+        buf: Buf,
+    },
     /// `buf` has the layout from [`LocalVolume::layout`], payload at `data_start`.
-    Write { offset: u64, length: u32, buf: Buf, fua: bool },
+    Write {
+        offset: u64,
+        length: u32,
+        buf: Buf,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, length: u32, fua: bool },
-    WriteZeroes { offset: u64, length: u32, fua: bool, no_hole: bool, fast_zero: bool },
-    Cache { offset: u64, length: u32 },
+    Trim {
+        offset: u64,
+        length: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        length: u32,
+        fua: bool,
+        no_hole: bool,
+        fast_zero: bool,
+    },
+    Cache {
+        offset: u64,
+        length: u32,
+    },
 }
 
 /// Counters for status and benchmarks.
@@ -103,10 +125,7 @@ enum ZeroStep {
 /// What remains to be done for an in-flight request.
 #[derive(Debug)]
 enum OpState {
-    Read {
-        data: Range<usize>,
-        offset: u64,
-    },
+    Read { data: Range<usize>, offset: u64 },
     Write(WriteOp),
     Flush,
     Zero(ZeroOp),
@@ -171,6 +190,9 @@ impl std::fmt::Debug for dyn IoSink {
     }
 }
 
+/// A completion ready for its sink: who, which reply, outcome, read data.
+type Finished = (Rc<dyn IoSink>, ReplyTag, Result<(), Errno>, Option<ReadData>);
+
 #[derive(Debug)]
 struct State {
     ops: Slab<Pending>,
@@ -181,7 +203,7 @@ struct State {
     zero_waiters: std::collections::VecDeque<usize>,
     stats: VolumeStats,
     /// Completions to deliver once the state is no longer borrowed.
-    done: Vec<(Rc<dyn IoSink>, ReplyTag, Result<(), Errno>, Option<ReadData>)>,
+    done: Vec<Finished>,
     /// Ring ops produced while handling an event, pushed once the state is released.
     to_push: Vec<(Op, u64)>,
 }
@@ -322,21 +344,45 @@ impl LocalVolume {
 
     fn start(&self, st: &mut State, request: BlockRequest, tag: ReplyTag, sink: Rc<dyn IoSink>) {
         match request {
-            BlockRequest::Read { offset, length, buf } => {
+            BlockRequest::Read {
+                offset,
+                length,
+                buf,
+            } => {
                 st.stats.reads += 1;
                 let layout = self.layout(offset, length);
-                assert_eq!(buf.len(), layout.buf_bytes, "read buffer must follow layout()");
+                assert_eq!(
+                    buf.len(),
+                    layout.buf_bytes,
+                    "read buffer must follow layout()"
+                );
                 let read_offset = offset - layout.data_start as u64;
                 let data = layout.data_start..layout.data_start + length as usize;
                 let state = OpState::Read { data, offset };
                 let key = st.ops.insert(Pending { tag, sink, state });
                 let range = 0..buf.len();
-                st.to_push.push((Op::Read { offset: read_offset, buf, range }, key as u64));
+                st.to_push.push((
+                    Op::Read {
+                        offset: read_offset,
+                        buf,
+                        range,
+                    },
+                    key as u64,
+                ));
             }
-            BlockRequest::Write { offset, length, buf, fua } => {
+            BlockRequest::Write {
+                offset,
+                length,
+                buf,
+                fua,
+            } => {
                 st.stats.writes += 1;
                 let layout = self.layout(offset, length);
-                assert_eq!(buf.len(), layout.buf_bytes, "write buffer must follow layout()");
+                assert_eq!(
+                    buf.len(),
+                    layout.buf_bytes,
+                    "write buffer must follow layout()"
+                );
                 let request = ByteRange::new(offset, u64::from(length)).expect("validated");
                 let range = request.align_out(self.align_bytes);
                 let (stash, edges) = self.edges(request, range, &buf);
@@ -351,31 +397,59 @@ impl LocalVolume {
                     edges,
                     phase: WritePhase::Locking,
                 };
-                let key = st.ops.insert(Pending { tag, sink, state: OpState::Write(op) });
+                let key = st.ops.insert(Pending {
+                    tag,
+                    sink,
+                    state: OpState::Write(op),
+                });
                 if st.locks.acquire(key as u64, range) == Acquire::Granted {
                     self.advance_write(st, key);
                 }
             }
             BlockRequest::Flush => {
                 st.stats.flushes += 1;
-                let key = st.ops.insert(Pending { tag, sink, state: OpState::Flush });
+                let key = st.ops.insert(Pending {
+                    tag,
+                    sink,
+                    state: OpState::Flush,
+                });
                 st.to_push.push((Op::Fsync, key as u64));
             }
-            BlockRequest::Trim { offset, length, fua } => {
+            BlockRequest::Trim {
+                offset,
+                length,
+                fua,
+            } => {
                 st.stats.trims += 1;
                 self.start_zero(st, tag, sink, offset, length, fua, true, false, false);
             }
-            BlockRequest::WriteZeroes { offset, length, fua, no_hole, fast_zero } => {
+            BlockRequest::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast_zero,
+            } => {
                 st.stats.zeroes += 1;
-                self.start_zero(st, tag, sink, offset, length, fua, false, no_hole, fast_zero);
+                self.start_zero(
+                    st, tag, sink, offset, length, fua, false, no_hole, fast_zero,
+                );
             }
             BlockRequest::Cache { offset, length } => {
                 if self.backing.direct_io {
                     // O_DIRECT bypasses the page cache: there is nothing to prefetch into.
                     st.done.push((sink, tag, Ok(()), None));
                 } else {
-                    let key = st.ops.insert(Pending { tag, sink, state: OpState::Cache });
-                    let op = Op::Fadvise { offset, len: length, advice: libc::POSIX_FADV_WILLNEED };
+                    let key = st.ops.insert(Pending {
+                        tag,
+                        sink,
+                        state: OpState::Cache,
+                    });
+                    let op = Op::Fadvise {
+                        offset,
+                        len: length,
+                        advice: libc::POSIX_FADV_WILLNEED,
+                    };
                     st.to_push.push((op, key as u64));
                 }
             }
@@ -385,7 +459,12 @@ impl LocalVolume {
     /// For a write not aligned to the block size: which payload bytes lie in partial
     /// edge blocks (saved, to be restored after the edges are read), and the buffer
     /// offsets of the edge blocks to read.
-    fn edges(&self, request: ByteRange, aligned: ByteRange, buf: &Buf) -> (Vec<(usize, Vec<u8>)>, Vec<usize>) {
+    fn edges(
+        &self,
+        request: ByteRange,
+        aligned: ByteRange,
+        buf: &Buf,
+    ) -> (Vec<(usize, Vec<u8>)>, Vec<usize>) {
         if request == aligned {
             return (Vec::new(), Vec::new());
         }
@@ -394,10 +473,10 @@ impl LocalVolume {
         let data_end = data_start + request.length() as usize;
         let last_block = buf.len() - block;
         let mut edges = Vec::new();
-        if data_start % block != 0 {
+        if !data_start.is_multiple_of(block) {
             edges.push(0);
         }
-        if data_end % block != 0 && !edges.contains(&last_block) {
+        if !data_end.is_multiple_of(block) && !edges.contains(&last_block) {
             edges.push(last_block);
         }
         let stash = edges
@@ -450,7 +529,11 @@ impl LocalVolume {
             is_trim,
             phase: ZeroPhase::Locking,
         };
-        let key = st.ops.insert(Pending { tag, sink, state: OpState::Zero(op) });
+        let key = st.ops.insert(Pending {
+            tag,
+            sink,
+            state: OpState::Zero(op),
+        });
         if st.locks.acquire(key as u64, locked) == Acquire::Granted {
             self.advance_zero(st, key, None);
         }
@@ -467,19 +550,27 @@ impl LocalVolume {
         };
         match kind {
             0 => {
-                let pending = st.ops.remove(key);
-                let OpState::Read { data, offset } = pending.state else { unreachable!() };
+                let Pending { tag, sink, state } = st.ops.remove(key);
+                let OpState::Read { data, offset } = state else {
+                    unreachable!()
+                };
                 let buf = completion.buf.expect("read returns its buffer");
                 match failed {
                     None => {
-                        let data = ReadData { buf, range: data, offset };
-                        st.done.push((pending.sink, pending.tag, Ok(()), Some(data)));
+                        let data = ReadData {
+                            buf,
+                            range: data,
+                            offset,
+                        };
+                        st.done.push((sink, tag, Ok(()), Some(data)));
                     }
-                    Some(errno) => self.fail(st, pending, errno),
+                    Some(errno) => self.fail(st, sink, tag, errno),
                 }
             }
             1 => {
-                let OpState::Write(op) = &mut st.ops[key].state else { unreachable!() };
+                let OpState::Write(op) = &mut st.ops[key].state else {
+                    unreachable!()
+                };
                 op.buf = completion.buf;
                 match failed {
                     None if op.phase == WritePhase::Writing => self.finish(st, key, Ok(())),
@@ -488,10 +579,10 @@ impl LocalVolume {
                 }
             }
             2 => {
-                let pending = st.ops.remove(key);
+                let Pending { tag, sink, .. } = st.ops.remove(key);
                 match failed {
-                    None => st.done.push((pending.sink, pending.tag, Ok(()), None)),
-                    Some(errno) => self.fail(st, pending, errno),
+                    None => st.done.push((sink, tag, Ok(()), None)),
+                    Some(errno) => self.fail(st, sink, tag, errno),
                 }
             }
             _ => {
@@ -503,22 +594,31 @@ impl LocalVolume {
         }
     }
 
-    fn fail(&self, st: &mut State, pending: Pending, errno: i32) {
+    fn fail(&self, st: &mut State, sink: Rc<dyn IoSink>, tag: ReplyTag, errno: i32) {
         st.stats.errors += 1;
         let errno = Errno::from_os(errno);
-        debug!(cookie = pending.tag.cookie, ?errno, "request failed");
-        st.done.push((pending.sink, pending.tag, Err(errno), None));
+        debug!(cookie = tag.cookie, ?errno, "request failed");
+        st.done.push((sink, tag, Err(errno), None));
     }
 
     /// Moves a write to its next phase: read the next edge block, or write.
     fn advance_write(&self, st: &mut State, key: usize) {
         let block = self.align_bytes as usize;
-        let OpState::Write(op) = &mut st.ops[key].state else { unreachable!() };
-        let mut buf = op.buf.take().expect("write op owns its buffer between phases");
+        let OpState::Write(op) = &mut st.ops[key].state else {
+            unreachable!()
+        };
+        let mut buf = op
+            .buf
+            .take()
+            .expect("write op owns its buffer between phases");
         if let Some(edge) = op.edges.pop() {
             op.phase = WritePhase::ReadingEdge;
             let offset = op.range.start() + edge as u64;
-            let read = Op::Read { offset, buf, range: edge..edge + block };
+            let read = Op::Read {
+                offset,
+                buf,
+                range: edge..edge + block,
+            };
             st.to_push.push((read, key as u64));
             return;
         }
@@ -527,13 +627,20 @@ impl LocalVolume {
         }
         op.phase = WritePhase::Writing;
         let range = 0..buf.len();
-        let write = Op::Write { offset: op.range.start(), buf, range, fua: op.fua };
+        let write = Op::Write {
+            offset: op.range.start(),
+            buf,
+            range,
+            fua: op.fua,
+        };
         st.to_push.push((write, key as u64));
     }
 
     /// Moves a zero/trim op forward; `result` is the outcome of its last ring op.
     fn advance_zero(&self, st: &mut State, key: usize, result: Option<Result<u32, i32>>) {
-        let OpState::Zero(op) = &mut st.ops[key].state else { unreachable!() };
+        let OpState::Zero(op) = &mut st.ops[key].state else {
+            unreachable!()
+        };
         match (op.phase, result) {
             (ZeroPhase::Locking, _) => op.phase = ZeroPhase::Working,
             (ZeroPhase::Syncing, Some(Ok(_))) => return self.finish(st, key, Ok(())),
@@ -577,11 +684,17 @@ impl LocalVolume {
             (phase, result) => panic!("zero op in {phase:?} got {result:?}"),
         }
         // Issue the current step.
-        let OpState::Zero(op) = &mut st.ops[key].state else { unreachable!() };
+        let OpState::Zero(op) = &mut st.ops[key].state else {
+            unreachable!()
+        };
         match op.steps[0] {
             ZeroStep::Fallocate(calls) => {
                 let mode = calls[op.call];
-                let fallocate = Op::Fallocate { mode, offset: op.range.start(), len: op.range.length() };
+                let fallocate = Op::Fallocate {
+                    mode,
+                    offset: op.range.start(),
+                    len: op.range.length(),
+                };
                 st.to_push.push((fallocate, key as u64));
             }
             ZeroStep::Fill => {
@@ -598,7 +711,12 @@ impl LocalVolume {
                 let remaining = op.range.end() - op.fill_next;
                 let chunk = remaining.min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
                 buf.set_len(chunk);
-                let write = Op::Write { offset: op.fill_next, buf, range: 0..chunk, fua: false };
+                let write = Op::Write {
+                    offset: op.fill_next,
+                    buf,
+                    range: 0..chunk,
+                    fua: false,
+                };
                 st.to_push.push((write, key as u64));
             }
         }
@@ -607,7 +725,9 @@ impl LocalVolume {
     /// Zeroing finished: sync first when FUA was asked.
     fn zero_done(&self, st: &mut State, key: usize) {
         self.release_zero_buffer(st);
-        let OpState::Zero(op) = &mut st.ops[key].state else { unreachable!() };
+        let OpState::Zero(op) = &mut st.ops[key].state else {
+            unreachable!()
+        };
         if op.fua {
             op.phase = ZeroPhase::Syncing;
             st.to_push.push((Op::Fsync, key as u64));
@@ -637,7 +757,7 @@ impl LocalVolume {
             Ok(()) => st.done.push((pending.sink, pending.tag, Ok(()), None)),
             Err(errno) => {
                 warn!(cookie = pending.tag.cookie, errno, "write request failed");
-                self.fail(st, pending, errno);
+                self.fail(st, pending.sink, pending.tag, errno);
             }
         }
         for waiter in granted {
@@ -712,12 +832,18 @@ mod tests {
             zero_steps(false, true, false, false),
             vec![STEP_ZERO_RANGE, STEP_PUNCH_ALLOCATE, Fill]
         );
-        assert_eq!(zero_steps(false, true, false, true), vec![STEP_ZERO_RANGE, Fill]);
+        assert_eq!(
+            zero_steps(false, true, false, true),
+            vec![STEP_ZERO_RANGE, Fill]
+        );
     }
 
     #[test]
     fn fast_zero_never_fills() {
-        assert_eq!(zero_steps(false, false, true, false), vec![STEP_PUNCH, STEP_ZERO_RANGE]);
+        assert_eq!(
+            zero_steps(false, false, true, false),
+            vec![STEP_PUNCH, STEP_ZERO_RANGE]
+        );
         assert_eq!(zero_steps(false, false, true, true), vec![STEP_PUNCH]);
         assert_eq!(zero_steps(false, true, true, true), vec![STEP_PUNCH]);
     }

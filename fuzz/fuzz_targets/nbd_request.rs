@@ -1,0 +1,6 @@
+//! Fuzzes NBD request decoding and validation; the checks live in `mirrordisk::fuzzing`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| mirrordisk::fuzzing::nbd_request(data));
