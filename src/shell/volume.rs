@@ -191,7 +191,12 @@ impl std::fmt::Debug for dyn IoSink {
 }
 
 /// A completion ready for its sink: who, which reply, outcome, read data.
-type Finished = (Rc<dyn IoSink>, ReplyTag, Result<(), Errno>, Option<ReadData>);
+type Finished = (
+    Rc<dyn IoSink>,
+    ReplyTag,
+    Result<(), Errno>,
+    Option<ReadData>,
+);
 
 #[derive(Debug)]
 struct State {
