@@ -4,6 +4,8 @@
 //! them, and asserts structural properties (not only "did not panic"): a failed
 //! assertion here is a bug in the code under test. Nothing here does I/O.
 
+pub mod meta;
+
 use crate::constants::{
     NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_PAYLOAD_BYTES_MAX, NBD_WRITE_DISCARD_BYTES_MAX,
 };

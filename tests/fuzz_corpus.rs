@@ -14,6 +14,9 @@ type Check = fn(&[u8]);
 const TARGETS: &[(&str, Check)] = &[
     ("nbd_handshake", mirrordisk::fuzzing::nbd_handshake),
     ("nbd_request", mirrordisk::fuzzing::nbd_request),
+    ("meta_superblock", mirrordisk::fuzzing::meta::superblock_decode),
+    ("meta_journal_replay", mirrordisk::fuzzing::meta::journal_replay),
+    ("meta_snapshot", mirrordisk::fuzzing::meta::snapshot_decode),
 ];
 
 fn fuzz_dir() -> PathBuf {

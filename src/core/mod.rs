@@ -4,5 +4,6 @@
 //! randomness, threads or async. Inputs are bytes, completions and `now`; outputs are
 //! values the shell acts on. `tests/tidy.rs` enforces the import rules.
 
+pub mod meta;
 pub mod nbd;
 pub mod overlap;
