@@ -5,5 +5,6 @@
 //! values the shell acts on. `tests/tidy.rs` enforces the import rules.
 
 pub mod meta;
+pub mod mirror;
 pub mod nbd;
 pub mod overlap;

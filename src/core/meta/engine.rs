@@ -479,6 +479,12 @@ impl MetaEngine {
     }
 
     /// The in-memory dirty bitmap (a superset of the durable one, minus clears not yet durable).
+    /// Writes waiting for activity-log slots (they need completed writes' extents to go
+    /// cold: a sync point helps them).
+    pub fn writes_waiting_al(&self) -> usize {
+        self.al_waiting.len()
+    }
+
     pub fn dirty_bitmap(&self) -> &RoaringBitmap {
         self.journal.bitmap()
     }
