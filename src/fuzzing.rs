@@ -5,6 +5,7 @@
 //! assertion here is a bug in the code under test. Nothing here does I/O.
 
 pub mod meta;
+pub mod repl;
 
 use crate::constants::{
     NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_PAYLOAD_BYTES_MAX, NBD_WRITE_DISCARD_BYTES_MAX,

@@ -14,9 +14,17 @@ type Check = fn(&[u8]);
 const TARGETS: &[(&str, Check)] = &[
     ("nbd_handshake", mirrordisk::fuzzing::nbd_handshake),
     ("nbd_request", mirrordisk::fuzzing::nbd_request),
-    ("meta_superblock", mirrordisk::fuzzing::meta::superblock_decode),
-    ("meta_journal_replay", mirrordisk::fuzzing::meta::journal_replay),
+    (
+        "meta_superblock",
+        mirrordisk::fuzzing::meta::superblock_decode,
+    ),
+    (
+        "meta_journal_replay",
+        mirrordisk::fuzzing::meta::journal_replay,
+    ),
     ("meta_snapshot", mirrordisk::fuzzing::meta::snapshot_decode),
+    ("repl_frame", mirrordisk::fuzzing::repl::repl_frame),
+    ("repl_handshake", mirrordisk::fuzzing::repl::repl_handshake),
 ];
 
 fn fuzz_dir() -> PathBuf {

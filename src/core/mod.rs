@@ -8,3 +8,4 @@ pub mod meta;
 pub mod mirror;
 pub mod nbd;
 pub mod overlap;
+pub mod repl;

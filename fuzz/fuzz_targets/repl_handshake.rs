@@ -1,0 +1,7 @@
+//! Fuzzes the replication handshake state machine with arbitrary frames; the checks
+//! live in `mirrordisk::fuzzing::repl`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| mirrordisk::fuzzing::repl::repl_handshake(data));
