@@ -2,6 +2,7 @@
 
 pub mod buffers;
 pub mod disk;
+pub mod metadata;
 pub mod nbd_server;
 pub mod serve;
 pub mod uring;

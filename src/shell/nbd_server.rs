@@ -26,14 +26,14 @@ use crate::core::nbd::request::{
 };
 use crate::core::nbd::wire::Errno;
 use crate::shell::buffers::Buf;
-use crate::shell::volume::{BlockRequest, IoSink, LocalVolume, ReadData, ReplyTag};
+use crate::shell::volume::{Backend, BlockRequest, IoSink, ReadData, ReplyTag};
 
 /// The export as the front end sees it: its description for the handshake and the
 /// volume executing its requests.
 #[derive(Debug)]
 pub struct Export {
     pub info: ExportInfo,
-    pub volume: Rc<LocalVolume>,
+    pub volume: Rc<dyn Backend>,
 }
 
 /// A reply ready to be sent.
@@ -361,7 +361,7 @@ where
 /// A pooled buffer, waiting (and so not reading the socket) while the pool is empty.
 async fn get_buffer(
     pool: &Rc<crate::shell::buffers::BufferPool>,
-    volume: &LocalVolume,
+    volume: &Rc<dyn Backend>,
     bytes: usize,
 ) -> Buf {
     if let Some(buf) = pool.try_get(bytes) {

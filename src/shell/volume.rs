@@ -101,6 +101,37 @@ pub enum BlockRequest {
     },
 }
 
+/// What the NBD front end needs from whatever executes its requests: a plain local
+/// volume (`mirrordisk serve` on a bare file) or the mirror engine's export.
+pub trait Backend: std::fmt::Debug {
+    /// Buffer size and payload position for a read or write of `length` at `offset`.
+    fn layout(&self, offset: u64, length: u32) -> BufferLayout;
+    /// The pool request buffers come from.
+    fn pool(&self) -> &Rc<BufferPool>;
+    /// Starts `request`; exactly one completion reaches `sink`, tagged `tag`.
+    fn submit(&self, request: BlockRequest, tag: ReplyTag, sink: Rc<dyn IoSink>);
+    /// Hands everything queued to the kernel; called before the caller waits.
+    fn flush_submissions(&self);
+}
+
+impl Backend for LocalVolume {
+    fn layout(&self, offset: u64, length: u32) -> BufferLayout {
+        LocalVolume::layout(self, offset, length)
+    }
+
+    fn pool(&self) -> &Rc<BufferPool> {
+        LocalVolume::pool(self)
+    }
+
+    fn submit(&self, request: BlockRequest, tag: ReplyTag, sink: Rc<dyn IoSink>) {
+        LocalVolume::submit(self, request, tag, sink);
+    }
+
+    fn flush_submissions(&self) {
+        LocalVolume::flush_submissions(self);
+    }
+}
+
 /// Counters for status and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct VolumeStats {
@@ -217,6 +248,11 @@ struct State {
 #[derive(Debug)]
 pub struct LocalVolume {
     backing: Backing,
+    /// Where the exported data starts on the backing (the data partition follows the
+    /// CLUSTER partition); every request offset is relative to it.
+    data_offset: u64,
+    /// Bytes exported from `data_offset`.
+    data_bytes: u64,
     /// Read-modify-write granularity: the logical block size with O_DIRECT, else 1.
     align_bytes: u64,
     ring: RefCell<Ring>,
@@ -226,7 +262,27 @@ pub struct LocalVolume {
 }
 
 impl LocalVolume {
+    /// Exports the whole backing.
     pub fn new(backing: Backing, ring: Ring, pool: Rc<BufferPool>) -> LocalVolume {
+        let size = backing.size_bytes;
+        LocalVolume::with_window(backing, 0, size, ring, pool)
+    }
+
+    /// Exports `data_bytes` of the backing starting at `data_offset` (the data
+    /// partition). The window must lie inside the backing and be block aligned.
+    pub fn with_window(
+        backing: Backing,
+        data_offset: u64,
+        data_bytes: u64,
+        ring: Ring,
+        pool: Rc<BufferPool>,
+    ) -> LocalVolume {
+        assert!(
+            data_offset
+                .checked_add(data_bytes)
+                .is_some_and(|end| end <= backing.size_bytes)
+        );
+        assert!(data_offset.is_multiple_of(u64::from(backing.logical_block_bytes)));
         let align_bytes = if backing.direct_io {
             u64::from(backing.logical_block_bytes)
         } else {
@@ -236,6 +292,8 @@ impl LocalVolume {
         zero_buf.fill(0);
         LocalVolume {
             backing,
+            data_offset,
+            data_bytes,
             align_bytes,
             ring: RefCell::new(ring),
             pool,
@@ -254,6 +312,11 @@ impl LocalVolume {
 
     pub fn backing(&self) -> &Backing {
         &self.backing
+    }
+
+    /// Bytes exported (the data partition's size).
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
     }
 
     pub fn pool(&self) -> &Rc<BufferPool> {
@@ -361,7 +424,7 @@ impl LocalVolume {
                     layout.buf_bytes,
                     "read buffer must follow layout()"
                 );
-                let read_offset = offset - layout.data_start as u64;
+                let read_offset = self.data_offset + offset - layout.data_start as u64;
                 let data = layout.data_start..layout.data_start + length as usize;
                 let state = OpState::Read { data, offset };
                 let key = st.ops.insert(Pending { tag, sink, state });
@@ -388,7 +451,8 @@ impl LocalVolume {
                     layout.buf_bytes,
                     "write buffer must follow layout()"
                 );
-                let request = ByteRange::new(offset, u64::from(length)).expect("validated");
+                let request = ByteRange::new(self.data_offset + offset, u64::from(length))
+                    .expect("validated");
                 let range = request.align_out(self.align_bytes);
                 let (stash, edges) = self.edges(request, range, &buf);
                 if !edges.is_empty() {
@@ -426,6 +490,7 @@ impl LocalVolume {
                 fua,
             } => {
                 st.stats.trims += 1;
+                let offset = self.data_offset + offset;
                 self.start_zero(st, tag, sink, offset, length, fua, true, false, false);
             }
             BlockRequest::WriteZeroes {
@@ -436,6 +501,7 @@ impl LocalVolume {
                 fast_zero,
             } => {
                 st.stats.zeroes += 1;
+                let offset = self.data_offset + offset;
                 self.start_zero(
                     st, tag, sink, offset, length, fua, false, no_hole, fast_zero,
                 );
@@ -451,7 +517,7 @@ impl LocalVolume {
                         state: OpState::Cache,
                     });
                     let op = Op::Fadvise {
-                        offset,
+                        offset: self.data_offset + offset,
                         len: length,
                         advice: libc::POSIX_FADV_WILLNEED,
                     };
