@@ -34,9 +34,16 @@ enum Command {
         /// Export name; clients asking for the default export ("") also get it.
         #[arg(long, value_name = "EXPORT", default_value = "")]
         name: String,
-        /// Refuse writes (the backing is opened read-only).
+        /// Refuse writes (the backing is opened read-only; metadata is not touched).
         #[arg(long)]
         read_only: bool,
+        /// The CLUSTER partition is on this separate device (see mirrorctl create --metadata).
+        #[arg(long, value_name = "DEVICE")]
+        metadata: Option<PathBuf>,
+        /// Journal every write as during a mirror break: the dirty regions survive a crash.
+        /// Needs a device with mirrordisk metadata.
+        #[arg(long)]
+        broken: bool,
     },
 }
 
@@ -50,12 +57,16 @@ fn main() -> ExitCode {
             unix,
             name,
             read_only,
+            metadata,
+            broken,
         } => serve::run(ServeConfig {
             path,
             listen,
             unix,
             name,
             read_only,
+            metadata,
+            broken,
         }),
     };
     match result {

@@ -3,6 +3,8 @@
 pub mod buffers;
 pub mod disk;
 pub mod metadata;
+pub mod mirror_export;
+pub mod mirrorctl;
 pub mod nbd_server;
 pub mod serve;
 pub mod uring;

@@ -17,12 +17,17 @@ use crate::constants::{
     BUFFER_POOL_BYTES_MAX, NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_CONNECTIONS_MAX,
     NBD_PAYLOAD_BYTES_MAX,
 };
+use crate::core::meta::{MetaEngine, Placement};
+use crate::core::mirror::{Engine, EngineConfig};
 use crate::core::nbd::handshake::ExportInfo;
 use crate::shell::buffers::BufferPool;
+use crate::shell::disk::Backing;
 use crate::shell::disk::open_backing;
+use crate::shell::metadata::{has_metadata, read_area};
+use crate::shell::mirror_export::MirrorExport;
 use crate::shell::nbd_server::{Export, SplitStream, serve_connection};
 use crate::shell::uring::Ring;
-use crate::shell::volume::LocalVolume;
+use crate::shell::volume::{Backend, LocalVolume};
 
 /// What `mirrordisk serve` was asked to do, already parsed.
 #[derive(Debug, Clone)]
@@ -32,6 +37,103 @@ pub struct ServeConfig {
     pub unix: Option<PathBuf>,
     pub name: String,
     pub read_only: bool,
+    /// The CLUSTER partition lives on this separate device.
+    pub metadata: Option<PathBuf>,
+    /// Journal every write, as during a mirror break (needs metadata).
+    pub broken: bool,
+}
+
+/// How long a completed write may wait for the sync point that makes it durable. One
+/// second bounds how much a crash can leave in the activity log's care.
+const SYNC_INTERVAL_MS: u64 = 1000;
+/// How often the engine's timers are looked at.
+const TICK_MS: u64 = 100;
+
+/// The metadata found on the device, recovered and ready to serve.
+struct MetaPlan {
+    engine: Option<Engine>,
+    data_offset: u64,
+    data_bytes: u64,
+    logical_block_bytes: u32,
+    /// The metadata device when it is not the data device.
+    external: Option<Backing>,
+}
+
+/// Reads and recovers the CLUSTER partition if there is one. Read-only serving does
+/// not recover (recovery writes), it only learns where the data partition is.
+fn plan_metadata(config: &ServeConfig) -> Result<Option<MetaPlan>, String> {
+    let meta_path = config.metadata.as_deref().unwrap_or(&config.path);
+    let probe =
+        std::fs::File::open(meta_path).map_err(|e| format!("{}: {e}", meta_path.display()))?;
+    let present = has_metadata(&probe).map_err(|e| format!("{}: {e}", meta_path.display()))?;
+    if !present {
+        if config.metadata.is_some() {
+            return Err(format!(
+                "--metadata {}: no mirrordisk metadata there (run mirrorctl create)",
+                meta_path.display()
+            ));
+        }
+        if config.broken {
+            return Err(
+                "--broken needs a device with mirrordisk metadata (see mirrorctl create)".into(),
+            );
+        }
+        return Ok(None);
+    }
+    let (area, picked) =
+        read_area(&probe, 0).map_err(|e| format!("{}: {e}", meta_path.display()))?;
+    drop(probe);
+    let layout = picked.superblock.layout;
+    let internal = layout.placement == Placement::Internal;
+    if internal && config.metadata.is_some() {
+        return Err(format!(
+            "--metadata {}: this metadata belongs at the head of its data device",
+            meta_path.display()
+        ));
+    }
+    if !internal && config.metadata.is_none() {
+        return Err(format!(
+            "{}: holds external metadata; serve its data device with --metadata {}",
+            config.path.display(),
+            config.path.display()
+        ));
+    }
+    let engine = if config.read_only {
+        if config.broken {
+            return Err("--broken and --read-only exclude each other".into());
+        }
+        None
+    } else {
+        let (meta, report) = MetaEngine::recover(&area, None)
+            .map_err(|e| format!("{}: {e}", meta_path.display()))?;
+        info!(
+            superblock_copy = ?report.superblock_copy,
+            al_hot_extents = report.al_hot_extents,
+            dirty_regions = report.dirty_regions,
+            "metadata recovered"
+        );
+        let config_engine = EngineConfig {
+            lock_alignment_bytes: u64::from(layout.logical_block_bytes),
+            sync_interval_ms: SYNC_INTERVAL_MS,
+        };
+        let mut engine = Engine::new(config_engine, meta, 0);
+        if config.broken {
+            engine.set_broken();
+        }
+        Some(engine)
+    };
+    let external = if internal {
+        None
+    } else {
+        Some(open_backing(meta_path, config.read_only).map_err(|e| e.to_string())?)
+    };
+    Ok(Some(MetaPlan {
+        engine,
+        data_offset: layout.data_offset,
+        data_bytes: layout.data_bytes,
+        logical_block_bytes: layout.logical_block_bytes,
+        external,
+    }))
 }
 
 /// Runs the server until SIGINT/SIGTERM. Every error before the first client is
@@ -43,7 +145,31 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     if config.name.len() > 4096 || config.name.contains('\0') {
         return Err("--name: an export name is at most 4096 bytes of UTF-8 without NUL".into());
     }
+    let plan = plan_metadata(&config)?;
     let backing = open_backing(&config.path, config.read_only).map_err(|e| e.to_string())?;
+    let (data_offset, data_bytes) = match &plan {
+        None => (0, backing.size_bytes),
+        Some(plan) => {
+            if plan.data_offset + plan.data_bytes > backing.size_bytes {
+                return Err(format!(
+                    "{}: {} bytes, smaller than the data partition its metadata records ({} + {})",
+                    config.path.display(),
+                    backing.size_bytes,
+                    plan.data_offset,
+                    plan.data_bytes
+                ));
+            }
+            if backing.logical_block_bytes > plan.logical_block_bytes {
+                return Err(format!(
+                    "{}: logical block {} bytes, larger than the {} the metadata was created for",
+                    config.path.display(),
+                    backing.logical_block_bytes,
+                    plan.logical_block_bytes
+                ));
+            }
+            (plan.data_offset, plan.data_bytes)
+        }
+    };
     let ring = Ring::new(backing.file.as_raw_fd()).map_err(|e| e.to_string())?;
     let std_tcp = match config.listen {
         Some(addr) => Some(bind_tcp(addr)?),
@@ -53,21 +179,27 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
         Some(path) => Some(bind_unix(path)?),
         None => None,
     };
+    let block_size_min_bytes = plan
+        .as_ref()
+        .map_or(backing.logical_block_bytes, |p| p.logical_block_bytes);
     let info = ExportInfo {
         name: config.name.clone(),
         description: format!("mirrordisk serve {}", config.path.display()),
-        size_bytes: backing.size_bytes,
+        size_bytes: data_bytes,
         read_only: config.read_only,
-        block_size_min_bytes: backing.logical_block_bytes,
-        block_size_preferred_bytes: NBD_BLOCK_SIZE_PREFERRED_BYTES.max(backing.logical_block_bytes),
+        block_size_min_bytes,
+        block_size_preferred_bytes: NBD_BLOCK_SIZE_PREFERRED_BYTES.max(block_size_min_bytes),
         block_size_max_bytes: NBD_PAYLOAD_BYTES_MAX,
         refusal: None,
     };
     info!(
         path = %config.path.display(),
-        size_bytes = backing.size_bytes,
+        data_offset,
+        data_bytes,
         direct_io = backing.direct_io,
         logical_block_bytes = backing.logical_block_bytes,
+        metadata = plan.is_some(),
+        journaling = config.broken,
         "serving"
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -77,12 +209,61 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
     let local = tokio::task::LocalSet::new();
     let result = local.block_on(&runtime, async move {
         let pool = BufferPool::new(BUFFER_POOL_BYTES_MAX);
-        let volume = Rc::new(LocalVolume::new(backing, ring, pool));
+        let data_fd = backing.file.as_raw_fd();
+        let volume = LocalVolume::with_window(backing, data_offset, data_bytes, ring, pool);
+        let mut background = Vec::new();
+        let (backend, mirror): (Rc<dyn Backend>, Option<Rc<MirrorExport>>) =
+            match plan.and_then(|p| p.engine.map(|e| (e, p.external))) {
+                None => {
+                    let volume = Rc::new(volume);
+                    let v = volume.clone();
+                    background.push(tokio::task::spawn_local(drive_ring(
+                        volume.ring_fd(),
+                        move || {
+                            v.process_completions();
+                            v.flush_submissions();
+                        },
+                    )));
+                    (volume, None)
+                }
+                Some((engine, external)) => {
+                    let meta_fd = external.as_ref().map_or(data_fd, |b| b.file.as_raw_fd());
+                    let meta_ring = Ring::new(meta_fd).map_err(|e| e.to_string())?;
+                    let export = MirrorExport::new(volume, meta_ring, 0, engine, external);
+                    let e = export.clone();
+                    background.push(tokio::task::spawn_local(drive_ring(
+                        export.volume().ring_fd(),
+                        move || {
+                            e.volume().process_completions();
+                            e.flush_submissions();
+                        },
+                    )));
+                    let e = export.clone();
+                    background.push(tokio::task::spawn_local(drive_ring(
+                        export.meta_ring_fd(),
+                        move || {
+                            e.process_meta_completions();
+                            e.flush_submissions();
+                        },
+                    )));
+                    let e = export.clone();
+                    background.push(tokio::task::spawn_local(async move {
+                        let mut interval =
+                            tokio::time::interval(std::time::Duration::from_millis(TICK_MS));
+                        loop {
+                            interval.tick().await;
+                            e.tick();
+                        }
+                    }));
+                    export.drain();
+                    export.flush_submissions();
+                    (export.clone(), Some(export))
+                }
+            };
         let export = Rc::new(Export {
             info,
-            volume: volume.clone(),
+            volume: backend.clone(),
         });
-        let ring_task = tokio::task::spawn_local(drive_ring(volume.clone()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut accepters = Vec::new();
         if let Some(listener) = std_tcp {
@@ -108,12 +289,23 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             // Each accepter waits for its connections to drain before returning.
             let _ = accepter.await;
         }
-        volume.flush_submissions();
-        ring_task.abort();
+        backend.flush_submissions();
+        if let Some(mirror) = &mirror {
+            // Let metadata writes still in flight (journal, activity log) finish.
+            for _ in 0..50 {
+                if mirror.idle() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(TICK_MS)).await;
+                mirror.tick();
+            }
+        }
+        for task in background {
+            task.abort();
+        }
         // Everything acknowledged is durable before we exit, FUA or not.
-        let fd = volume.backing().file.as_raw_fd();
-        // SAFETY: fd is the backing's open descriptor, owned by `volume`, alive here.
-        if unsafe { libc::fdatasync(fd) } != 0 {
+        // SAFETY: data_fd is the backing's descriptor, owned by the volume, alive here.
+        if unsafe { libc::fdatasync(data_fd) } != 0 {
             warn!(error = %io::Error::last_os_error(), "final fdatasync failed");
         }
         Ok::<(), String>(())
@@ -180,21 +372,19 @@ impl AsRawFd for RingFd {
     }
 }
 
-/// Waits for the ring's completion queue to become non-empty and processes it. The
+/// Waits for a ring's completion queue to become non-empty and calls `on_ready`. The
 /// ring fd is pollable; completions that happen inline during a submit are handled by
 /// `flush_submissions` directly, so this task only sees truly asynchronous ones.
-async fn drive_ring(volume: Rc<LocalVolume>) {
-    // SAFETY: the ring fd belongs to `volume.ring`, which this task keeps alive (it owns
-    // an `Rc` to the volume) for as long as the `AsyncFd` exists, and never replaces.
-    let fd =
-        unsafe { AsyncFd::register_with_interest(RingFd(volume.ring_fd()), Interest::READABLE) }
-            .unwrap_or_else(|e| panic!("registering the io_uring fd with the reactor: {e}"));
+async fn drive_ring(ring_fd: RawFd, on_ready: impl Fn()) {
+    // SAFETY: the ring fd belongs to a ring owned by the export `on_ready` keeps alive
+    // (it holds an `Rc`), for as long as this task — and so the `AsyncFd` — exists.
+    let fd = unsafe { AsyncFd::register_with_interest(RingFd(ring_fd), Interest::READABLE) }
+        .unwrap_or_else(|e| panic!("registering the io_uring fd with the reactor: {e}"));
     loop {
         let mut guard = fd.readable().await.expect("polling the io_uring fd");
         // Clear first, then drain: a completion posted after the drain raises a new edge.
         guard.clear_ready();
-        volume.process_completions();
-        volume.flush_submissions();
+        on_ready();
     }
 }
 
