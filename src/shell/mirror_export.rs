@@ -15,7 +15,7 @@ use std::time::Instant;
 use tracing::error;
 
 use crate::core::meta::{MetaIo, MetaIoId, MetaIoKind};
-use crate::core::mirror::{Action, ClientOp, DiskOp, DiskOpId, Engine, ReqId};
+use crate::core::mirror::{Action, ClientOp, DataRef, DiskOp, DiskOpId, Engine, ReqId};
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::ByteRange;
 use crate::shell::buffers::{Buf, BufferPool};
@@ -175,7 +175,20 @@ impl MirrorExport {
 
     fn execute(&self, action: Action) {
         match action {
-            Action::Disk { id, req, op } => self.execute_disk(id, req, op),
+            Action::Disk { id, data, op } => {
+                let req = match data {
+                    None => None,
+                    Some(DataRef::Request(req)) => Some(req),
+                    Some(other) => unreachable!("serve has no peer, so no {other:?} data"),
+                };
+                self.execute_disk(id, req, op)
+            }
+            Action::Send { .. }
+            | Action::DropLink { .. }
+            | Action::Release(_)
+            | Action::RoleChanged { .. } => {
+                unreachable!("serve has no peer and changes no roles: {action:?}")
+            }
             Action::Meta(io) => self.execute_meta(io),
             Action::Reply { req, result } => {
                 let pending = self

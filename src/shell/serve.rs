@@ -112,9 +112,12 @@ fn plan_metadata(config: &ServeConfig) -> Result<Option<MetaPlan>, String> {
             dirty_regions = report.dirty_regions,
             "metadata recovered"
         );
+        // No peer: the timeout and resync rate never come into play.
         let config_engine = EngineConfig {
             lock_alignment_bytes: u64::from(layout.logical_block_bytes),
             sync_interval_ms: SYNC_INTERVAL_MS,
+            peer_timeout_ms: crate::config::PEER_TIMEOUT_MS_DEFAULT,
+            resync_rate_bytes_per_s: 0,
         };
         let mut engine = Engine::new(config_engine, meta, 0);
         if config.broken {

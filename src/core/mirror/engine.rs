@@ -1,100 +1,49 @@
-//! The engine state machine: client requests in, disk/metadata actions and replies out.
+//! The engine state machine: client requests, peer messages and link events in; disk,
+//! metadata and network actions and replies out.
 //!
-//! A modifying request (write, write-zeroes, trim) goes through these steps:
+//! A client write on the primary goes through these steps (DESIGN §4–§5):
 //!
-//! 1. **Overlap**: it locks its block-aligned range; a later overlapping request waits
-//!    until this one has been answered (DESIGN §5: overlapping writes keep their order).
+//! 1. **Overlap**: it locks its block-aligned range; a later overlapping request (or a
+//!    resync read) waits until this one has been answered, i.e. completed on both sides.
 //! 2. **Gate**: the metadata engine admits it once its region is covered by durable
-//!    metadata (a hot activity-log extent, or in a break its journal bits).
-//! 3. **Submit** to the local disk.
-//! 4. **Acknowledge** when the local write completed *and* the metadata engine says the
-//!    write is ackable (in a break: its journal block and every earlier one durable).
-//! 5. **Sync point**: completed writes become durable with the next local flush; only
-//!    then may their activity-log extents go cold. Sync points start when a client
-//!    FLUSH asks, when writes wait for activity-log slots, or every
-//!    `sync_interval_ms`.
+//!    metadata (a hot activity-log extent; in a break, its journal bits). While a new
+//!    generation is being made durable after a link loss, nothing is admitted.
+//! 3. **Submit** to the local disk and, when replicating, **send** to the peer — the same
+//!    buffer, at the same time. The write enters the transfer log.
+//! 4. **Acknowledge** when the local write completed, the peer acknowledged it (or the
+//!    link broke and the write is in the durable journal), and the metadata engine says
+//!    it may be (journal durable in a break; new generation durable after a link loss).
+//! 5. **Sync point**: a local flush and a peer FLUSH together make every write answered
+//!    before the sync point durable on both sides; then their activity-log extents may
+//!    go cold and the transfer log drops them. Sync points start on a client FLUSH (the
+//!    first sync point *started* after it answers it), on activity-log pressure, when
+//!    the transfer log is long, or every `sync_interval_ms`.
 //!
-//! A client FLUSH is answered by the first sync point that *starts* after it arrived,
-//! so it covers every write acknowledged before it, on any connection.
+//! On link loss the primary marks every write still in the transfer log dirty and makes
+//! a new current generation durable before it acknowledges anything else. The peer's
+//! side of replication (applying, flush coverage) is in `apply.rs`; connection set-up,
+//! the bitmap exchange and resync are in `peer.rs`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use crate::core::meta::{
-    self, Gate, IoError, MetaEngine, MetaError, MetaIo, MetaIoId, Mode, WriteId,
+    self, DiskState, Flags, Gate, Generations, IoError, MetaEngine, MetaError, MetaIoId, Mode,
+    Role, SuperblockTicket, WriteId,
 };
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::{Acquire, ByteRange, RangeLocks};
+use crate::core::repl::wire::NodeState;
 
-/// A client request, numbered by the engine; never reused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ReqId(pub u64);
+use super::peer::{Apply, Conn, LinkStatus};
+use super::types::{Action, ClientOp, DataRef, DiskOp, DiskOpId, ReqId};
 
-/// A local disk operation issued by the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DiskOpId(pub u64);
+/// Lock and metadata-write ids of client requests are their `ReqId`s (below this);
+/// peer applies and resync reads take ids from this point up, so the spaces never meet.
+pub(super) const INTERNAL_ID_BASE: u64 = 1 << 62;
 
-/// A validated block request, in data-partition byte offsets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClientOp {
-    Read {
-        range: ByteRange,
-    },
-    Write {
-        range: ByteRange,
-        fua: bool,
-    },
-    WriteZeroes {
-        range: ByteRange,
-        fua: bool,
-        no_hole: bool,
-        fast_zero: bool,
-    },
-    Trim {
-        range: ByteRange,
-        fua: bool,
-    },
-    Flush,
-    Cache {
-        range: ByteRange,
-    },
-}
-
-impl ClientOp {
-    /// The range a modifying request changes, and whether it asked for FUA.
-    fn modification(&self) -> Option<(ByteRange, bool)> {
-        match *self {
-            ClientOp::Write { range, fua }
-            | ClientOp::WriteZeroes { range, fua, .. }
-            | ClientOp::Trim { range, fua } => Some((range, fua)),
-            ClientOp::Read { .. } | ClientOp::Flush | ClientOp::Cache { .. } => None,
-        }
-    }
-}
-
-/// Local disk operations have the shape of client operations: the shell's volume
-/// executes them (read-modify-write, zeroing strategies); a write's payload is the
-/// buffer of the request it belongs to.
-pub type DiskOp = ClientOp;
-
-/// What the shell must do next.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Run `op` on the local data partition; report with `handle_disk_done(id, ..)`.
-    /// `req` names the client request whose buffer holds the data, if any.
-    Disk {
-        id: DiskOpId,
-        req: Option<ReqId>,
-        op: DiskOp,
-    },
-    /// Run a metadata I/O on the CLUSTER partition; report with `handle_meta_done`.
-    Meta(MetaIo),
-    /// Answer the client request (exactly once per `ReqId`). For a successful read,
-    /// the data is what its disk read returned.
-    Reply {
-        req: ReqId,
-        result: Result<(), Errno>,
-    },
-}
+/// A sync point is started once this many replicated writes wait in the transfer log:
+/// bounds the log (and the resync a link loss costs) under a steady write load.
+pub const TRANSFER_LOG_SYNC_WRITES: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -102,8 +51,13 @@ pub struct EngineConfig {
     /// block), so read-modify-write of a partial block is ordered with its neighbours.
     pub lock_alignment_bytes: u64,
     /// Longest time a completed write may wait for the sync point that makes it durable
-    /// (and lets its activity-log extent go cold).
+    /// on both sides.
     pub sync_interval_ms: u64,
+    /// A peer that leaves a write, flush or resync request unanswered this long is
+    /// treated as failed and the link is dropped (DRBD's ko-count).
+    pub peer_timeout_ms: u64,
+    /// Resync bandwidth cap; 0 = only the adaptive in-flight limit.
+    pub resync_rate_bytes_per_s: u64,
 }
 
 /// Counters for status and benchmarks.
@@ -115,13 +69,46 @@ pub struct EngineStats {
     pub client_flushes: u64,
     pub sync_points: u64,
     pub errors: u64,
+    pub replicated_writes: u64,
+    pub replicated_bytes: u64,
+    pub applied_writes: u64,
+    pub resync_bytes_sent: u64,
+    pub resync_bytes_received: u64,
+    pub link_losses: u64,
+}
+
+/// The peer as last heard of.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub role: Role,
+    pub disk_state: DiskState,
+    pub generations: Generations,
+    /// How long ago the peer last told us its state.
+    pub age_ms: u64,
+}
+
+/// What `mirrorctl status` shows for one mirror on one node.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EngineStatus {
+    pub role: Role,
+    pub disk_state: DiskState,
+    pub generations: Generations,
+    pub flags: Vec<&'static str>,
+    pub failure: Option<String>,
+    /// Why the mirror does not replicate, if it does not (split brain, waiting...).
+    pub problem: Option<String>,
+    pub link: Option<LinkStatus>,
+    pub peer: Option<PeerStatus>,
+    pub dirty_bytes: u64,
+    pub stats: EngineStats,
+    pub meta: meta::MetaStats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     /// Waiting for an overlapping earlier request to finish.
     Locking,
-    /// Waiting for the metadata engine to admit it.
+    /// Waiting for the metadata engine (or a new generation) to admit it.
     Gating,
     /// Issued to the disk (reads, cache, admitted writes).
     Submitted,
@@ -130,50 +117,91 @@ enum Phase {
 }
 
 #[derive(Debug)]
-struct Request {
-    op: ClientOp,
-    phase: Phase,
-    locked: bool,
-    local_done: bool,
+pub(super) struct Request {
+    pub(super) op: ClientOp,
+    pub(super) phase: Phase,
+    pub(super) locked: bool,
+    pub(super) local_done: bool,
     /// The metadata engine's ack condition holds (always true once yielded).
-    ackable: bool,
-    error: Option<Errno>,
+    pub(super) ackable: bool,
+    /// Sent to the peer and not yet acknowledged by it.
+    pub(super) peer_seq: Option<u64>,
+    pub(super) error: Option<Errno>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DiskPurpose {
+pub(super) enum DiskPurpose {
     Request(ReqId),
     Sync,
+    /// A write received from the peer (apply id).
+    Apply(u64),
+    /// A flush the peer asked for (its seq).
+    PeerFlush(u64),
+    /// A resync read on the sync source (resync op key).
+    ResyncRead(u64),
 }
 
 #[derive(Debug)]
-struct SyncPoint {
-    disk_op: DiskOpId,
-    /// Writes that completed before the flush was issued: durable once it completes.
-    covers: Vec<WriteId>,
-    flushes: Vec<ReqId>,
+pub(super) struct SyncPoint {
+    pub(super) disk_op: DiskOpId,
+    pub(super) local_done: bool,
+    /// The peer FLUSH sent with this sync point, while it is outstanding.
+    pub(super) peer_seq: Option<u64>,
+    /// Writes answered before the flush was issued: durable once both halves completed.
+    pub(super) covers: Vec<WriteId>,
+    pub(super) flushes: Vec<ReqId>,
+    pub(super) result: Result<(), Errno>,
+}
+
+/// A pending role change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RoleChange {
+    Activate(SuperblockTicket),
+    Deactivate(Option<SuperblockTicket>),
 }
 
 /// The engine. See the module documentation for the rules it enforces.
 #[derive(Debug)]
 pub struct Engine {
-    config: EngineConfig,
-    meta: MetaEngine,
-    locks: RangeLocks,
-    requests: HashMap<ReqId, Request>,
-    next_req: u64,
-    next_disk_op: u64,
-    disk_ops: HashMap<DiskOpId, DiskPurpose>,
-    actions: VecDeque<Action>,
+    pub(super) config: EngineConfig,
+    pub(super) meta: MetaEngine,
+    pub(super) locks: RangeLocks,
+    pub(super) requests: HashMap<ReqId, Request>,
+    pub(super) next_req: u64,
+    pub(super) next_disk_op: u64,
+    pub(super) next_internal_id: u64,
+    pub(super) disk_ops: HashMap<DiskOpId, DiskPurpose>,
+    pub(super) actions: VecDeque<Action>,
     /// Writes answered but not yet covered by a completed sync point.
-    unsynced: Vec<WriteId>,
-    sync: Option<SyncPoint>,
+    pub(super) unsynced: Vec<WriteId>,
+    pub(super) sync: Option<SyncPoint>,
     /// Client FLUSHes waiting for the next sync point to start.
-    flush_waiters: Vec<ReqId>,
-    now_ms: u64,
-    last_sync_ms: u64,
-    failed: Option<String>,
-    stats: EngineStats,
+    pub(super) flush_waiters: Vec<ReqId>,
+    pub(super) now_ms: u64,
+    pub(super) last_sync_ms: u64,
+    pub(super) failed: Option<String>,
+    pub(super) stats: EngineStats,
+    /// This disk's state as the cluster should see it now (not always what is on disk:
+    /// a node that started without its peer says Consistent, never UpToDate).
+    pub(super) disk_state: DiskState,
+    pub(super) link: Option<Conn>,
+    /// The last connection epoch seen; the next handshake proposes one more.
+    pub(super) last_epoch: u64,
+    /// A new current generation not yet durable: no write is admitted or answered.
+    pub(super) generation_hold: Option<SuperblockTicket>,
+    /// The last state the peer told us, and when.
+    pub(super) peer_last: Option<(NodeState, u64)>,
+    /// Why the last connection could not replicate (split brain, unrelated disks ...).
+    pub(super) connect_problem: Option<String>,
+    pub(super) role_change: Option<RoleChange>,
+    /// Writes received from the peer, from arrival to their answer (apply id -> apply).
+    pub(super) applies: HashMap<u64, Apply>,
+    /// Applies waiting for the resync-target marking to become durable.
+    pub(super) held_applies: VecDeque<u64>,
+    /// Resync reads whose connection went away while they read: release on completion.
+    pub(super) orphaned_resync_reads: BTreeSet<u64>,
+    /// Resync ops whose connection went away while they waited for a lock.
+    pub(super) orphaned_resync_locks: BTreeSet<u64>,
 }
 
 fn meta_range(range: ByteRange) -> meta::ByteRange {
@@ -183,9 +211,19 @@ fn meta_range(range: ByteRange) -> meta::ByteRange {
 impl Engine {
     /// Wraps a created or recovered metadata engine. Any metadata I/O it needs before
     /// admitting writes (recovery writes a fresh snapshot) is queued at once.
+    ///
+    /// A disk recovered with role Primary was active when the node went down without
+    /// deactivating: it comes back inactive and marked crashed-primary (its activity
+    /// log may hold writes the peer lacks). A node starting without its peer never
+    /// claims UpToDate (DESIGN §4).
     pub fn new(config: EngineConfig, meta: MetaEngine, now_ms: u64) -> Engine {
         assert!(config.lock_alignment_bytes.is_power_of_two());
-        assert!(config.sync_interval_ms > 0);
+        assert!(config.sync_interval_ms > 0 && config.peer_timeout_ms > 0);
+        let on_disk = meta.superblock().state;
+        let disk_state = match on_disk.disk_state {
+            DiskState::UpToDate => DiskState::Consistent,
+            other => other,
+        };
         let mut engine = Engine {
             config,
             meta,
@@ -193,6 +231,7 @@ impl Engine {
             requests: HashMap::new(),
             next_req: 0,
             next_disk_op: 0,
+            next_internal_id: INTERNAL_ID_BASE,
             disk_ops: HashMap::new(),
             actions: VecDeque::new(),
             unsynced: Vec::new(),
@@ -202,7 +241,24 @@ impl Engine {
             last_sync_ms: now_ms,
             failed: None,
             stats: EngineStats::default(),
+            disk_state,
+            link: None,
+            last_epoch: 0,
+            generation_hold: None,
+            peer_last: None,
+            connect_problem: None,
+            role_change: None,
+            applies: HashMap::new(),
+            held_applies: VecDeque::new(),
+            orphaned_resync_reads: BTreeSet::new(),
+            orphaned_resync_locks: BTreeSet::new(),
         };
+        if on_disk.role == Role::Primary {
+            engine.meta.update_superblock(|s| {
+                s.role = Role::Secondary;
+                s.flags.insert(Flags::CRASHED_PRIMARY);
+            });
+        }
         engine.pump();
         engine
     }
@@ -223,9 +279,72 @@ impl Engine {
         self.failed.as_deref()
     }
 
-    /// Enters a mirror break: from now on every write sets its journal bits. With no
-    /// peer there is no transfer log to mark.
+    pub fn role(&self) -> Role {
+        self.meta.superblock().state.role
+    }
+
+    pub fn disk_state(&self) -> DiskState {
+        self.disk_state
+    }
+
+    pub fn generations(&self) -> Generations {
+        self.meta.superblock().state.generations
+    }
+
+    /// Whether client I/O is served: the disk is active (Primary) here.
+    pub fn is_active(&self) -> bool {
+        self.role() == Role::Primary && !matches!(self.role_change, Some(RoleChange::Activate(_)))
+    }
+
+    /// What this node tells the peer in the handshake and in State messages.
+    pub fn node_state(&self) -> NodeState {
+        let state = self.meta.superblock().state;
+        let mut flags = state.flags;
+        if self.link.as_ref().is_some_and(|c| c.is_resync_source()) {
+            flags.insert(Flags::RESYNC_IN_PROGRESS);
+        }
+        NodeState {
+            generations: state.generations,
+            disk_state: self.disk_state,
+            role: state.role,
+            flags,
+            intent: state.role,
+            dirty_bytes: meta::engine::dirty_bytes(self.meta.dirty_bitmap(), self.meta.layout()),
+        }
+    }
+
+    /// Everything `mirrorctl status` shows about this mirror, as this node sees it.
+    pub fn status(&self) -> EngineStatus {
+        let state = self.meta.superblock().state;
+        EngineStatus {
+            role: self.role(),
+            disk_state: self.disk_state,
+            generations: state.generations,
+            flags: state.flags.names(),
+            failure: self.failed.clone(),
+            problem: self.connect_problem.clone(),
+            link: self.link_status(),
+            peer: self.peer_last.map(|(s, at)| PeerStatus {
+                role: s.role,
+                disk_state: s.disk_state,
+                generations: s.generations,
+                age_ms: self.now_ms.saturating_sub(at),
+            }),
+            dirty_bytes: meta::engine::dirty_bytes(self.meta.dirty_bitmap(), self.meta.layout()),
+            stats: self.stats(),
+            meta: self.meta.stats(),
+        }
+    }
+
+    /// The epoch to propose in the next handshake.
+    pub fn next_epoch_proposal(&self) -> u64 {
+        self.last_epoch + 1
+    }
+
+    /// Enters a mirror break with no peer configured at all (`serve --broken`): every
+    /// write sets its journal bits from now on.
     pub fn set_broken(&mut self) {
+        assert!(self.link.is_none());
         self.meta.set_mode(Mode::Broken, &[]);
         self.pump();
     }
@@ -235,23 +354,37 @@ impl Engine {
         self.actions.pop_front()
     }
 
-    /// A new client request. Its id comes back in exactly one `Action::Reply`.
+    /// A new client request. Its id comes back in exactly one `Action::Reply`. The
+    /// shell only submits requests while the disk is active (or for `serve`).
     pub fn handle_client(&mut self, op: ClientOp) -> ReqId {
         let id = ReqId(self.next_req);
         self.next_req += 1;
+        assert!(self.next_req < INTERNAL_ID_BASE);
+        // TRIM is executed as WRITE_ZEROES, here and on the peer: both replicas stay
+        // byte-identical whatever each backing does with a discard.
+        let op = match op {
+            ClientOp::Trim { range, fua } => ClientOp::WriteZeroes {
+                range,
+                fua,
+                no_hole: false,
+                fast_zero: false,
+            },
+            other => other,
+        };
         let request = Request {
             op,
             phase: Phase::Submitted,
             locked: false,
             local_done: false,
             ackable: false,
+            peer_seq: None,
             error: None,
         };
         self.requests.insert(id, request);
         match op {
             ClientOp::Read { .. } | ClientOp::Cache { .. } => {
                 self.stats.reads += 1;
-                self.issue(DiskPurpose::Request(id), Some(id), op);
+                self.issue(DiskPurpose::Request(id), Some(DataRef::Request(id)), op);
             }
             ClientOp::Flush => {
                 self.stats.client_flushes += 1;
@@ -285,29 +418,35 @@ impl Engine {
             .remove(&id)
             .expect("completion for an issued disk op");
         match purpose {
-            DiskPurpose::Sync => self.sync_done(id, result),
-            DiskPurpose::Request(req) => {
-                let request = self
-                    .requests
-                    .get_mut(&req)
-                    .expect("disk op of a live request");
-                request.local_done = true;
-                match request.op.modification() {
-                    None => self.reply(req, result),
-                    Some((_, fua)) => {
-                        if let Err(errno) = result {
-                            self.stats.errors += 1;
-                            request.error = Some(errno);
-                        }
-                        // A FUA write is durable on completion; others wait for a sync point.
-                        self.meta
-                            .handle_write_done(WriteId(req.0), fua && result.is_ok());
-                        self.maybe_complete(req);
-                    }
-                }
-            }
+            DiskPurpose::Sync => self.sync_local_done(id, result),
+            DiskPurpose::Request(req) => self.request_disk_done(req, result),
+            DiskPurpose::Apply(apply) => self.apply_disk_done(apply, result),
+            DiskPurpose::PeerFlush(seq) => self.peer_flush_done(seq, result),
+            DiskPurpose::ResyncRead(key) => self.resync_read_done(key, result),
         }
         self.pump();
+    }
+
+    fn request_disk_done(&mut self, req: ReqId, result: Result<(), Errno>) {
+        let request = self
+            .requests
+            .get_mut(&req)
+            .expect("disk op of a live request");
+        request.local_done = true;
+        match request.op.modification() {
+            None => self.reply(req, result),
+            Some((_, fua)) => {
+                if let Err(errno) = result {
+                    self.stats.errors += 1;
+                    request.error = Some(errno);
+                }
+                // Durable everywhere now only if FUA and nobody else must confirm it;
+                // otherwise a sync point (local flush + peer flush) will say so.
+                let everywhere = fua && result.is_ok() && self.link.is_none();
+                self.meta.handle_write_done(WriteId(req.0), everywhere);
+                self.maybe_complete(req);
+            }
+        }
     }
 
     /// A metadata I/O finished. A failure fails the disk: writes are refused from then on.
@@ -321,12 +460,13 @@ impl Engine {
         self.pump();
     }
 
-    /// Time passes: starts the periodic sync point.
+    /// Time passes: periodic sync points, peer timeouts, resync pacing.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = now_ms.max(self.now_ms);
         if self.now_ms.saturating_sub(self.last_sync_ms) >= self.config.sync_interval_ms {
             self.maybe_start_sync(false);
         }
+        self.check_peer_timeouts();
         self.pump();
     }
 
@@ -335,19 +475,40 @@ impl Engine {
         self.last_sync_ms + self.config.sync_interval_ms
     }
 
-    fn issue(&mut self, purpose: DiskPurpose, req: Option<ReqId>, op: DiskOp) {
+    pub(super) fn issue(
+        &mut self,
+        purpose: DiskPurpose,
+        data: Option<DataRef>,
+        op: DiskOp,
+    ) -> DiskOpId {
         let id = DiskOpId(self.next_disk_op);
         self.next_disk_op += 1;
         self.disk_ops.insert(id, purpose);
-        self.actions.push_back(Action::Disk { id, req, op });
+        self.actions.push_back(Action::Disk { id, data, op });
+        id
+    }
+
+    pub(super) fn next_internal(&mut self) -> u64 {
+        let id = self.next_internal_id;
+        self.next_internal_id += 1;
+        id
     }
 
     /// The request holds its range: ask the metadata engine whether it may start.
-    fn gate(&mut self, req: ReqId) {
+    pub(super) fn gate(&mut self, req: ReqId) {
         let request = self.requests.get_mut(&req).expect("gating a live request");
         request.locked = true;
-        let (range, _) = request.op.modification().expect("only writes are gated");
         request.phase = Phase::Gating;
+        if self.generation_hold.is_some() {
+            // Admitted when the new generation is durable (see `release_generation_hold`).
+            return;
+        }
+        self.admit(req);
+    }
+
+    fn admit(&mut self, req: ReqId) {
+        let request = self.requests.get(&req).expect("admitting a live request");
+        let (range, _) = request.op.modification().expect("only writes are gated");
         match self
             .meta
             .handle_write_start(WriteId(req.0), meta_range(range))
@@ -361,6 +522,38 @@ impl Engine {
         }
     }
 
+    /// A new generation became durable: admit every write that waited for it.
+    pub(super) fn release_generation_hold(&mut self) {
+        self.generation_hold = None;
+        let mut waiting: Vec<ReqId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.phase == Phase::Gating && r.locked)
+            .map(|(id, _)| *id)
+            .collect();
+        waiting.sort();
+        for req in waiting {
+            if self
+                .requests
+                .get(&req)
+                .is_some_and(|r| r.phase == Phase::Gating)
+            {
+                self.admit(req);
+            }
+        }
+        let ready: Vec<ReqId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.local_done)
+            .map(|(id, _)| *id)
+            .collect();
+        for req in ready {
+            self.maybe_complete(req);
+        }
+    }
+
+    /// Local write and (when replicating) the send to the peer start together on the
+    /// same buffer (DESIGN §5); the write enters the transfer log.
     fn submit_write(&mut self, req: ReqId) {
         let request = self
             .requests
@@ -369,47 +562,88 @@ impl Engine {
         assert_eq!(request.phase, Phase::Gating);
         request.phase = Phase::Submitted;
         let op = request.op;
-        self.issue(DiskPurpose::Request(req), Some(req), op);
+        let data = matches!(op, ClientOp::Write { .. }).then_some(DataRef::Request(req));
+        self.issue(DiskPurpose::Request(req), data, op);
+        if let Some(seq) = self.replicate(op, data) {
+            self.requests.get_mut(&req).expect("live").peer_seq = Some(seq);
+            self.link
+                .as_mut()
+                .expect("replicating")
+                .awaiting
+                .insert(seq, (req, self.now_ms));
+        }
     }
 
-    /// Answers a write once both halves of its acknowledgement condition hold.
-    fn maybe_complete(&mut self, req: ReqId) {
+    /// The peer acknowledged (or can no longer acknowledge) the request's write.
+    pub(super) fn peer_write_settled(&mut self, req: ReqId, error: Option<Errno>) {
+        if let Some(request) = self.requests.get_mut(&req) {
+            request.peer_seq = None;
+            if let (Some(errno), None) = (error, request.error) {
+                request.error = Some(errno);
+            }
+            self.maybe_complete(req);
+        }
+    }
+
+    /// Answers a write once every half of its acknowledgement condition holds.
+    pub(super) fn maybe_complete(&mut self, req: ReqId) {
         let Some(request) = self.requests.get(&req) else {
             return;
         };
-        let ready = request.local_done && (request.ackable || request.error.is_some());
+        if request.op.modification().is_none() {
+            return;
+        }
+        if request.error.is_some() {
+            if request.local_done && request.peer_seq.is_none() {
+                self.finish_write(req);
+            }
+            return;
+        }
+        let ready = request.local_done
+            && request.ackable
+            && request.peer_seq.is_none()
+            && self.generation_hold.is_none();
         if ready {
             self.finish_write(req);
         }
     }
 
     /// Replies to a write and releases its range, admitting whoever waited for it.
-    fn finish_write(&mut self, req: ReqId) {
+    pub(super) fn finish_write(&mut self, req: ReqId) {
         let request = self.requests.get(&req).expect("finishing a live request");
         let result = request.error.map_or(Ok(()), Err);
-        let (_, fua) = request.op.modification().expect("a write");
         let locked = request.locked;
-        if result.is_ok() && !fua {
+        if result.is_ok() {
             self.unsynced.push(WriteId(req.0));
         }
         self.reply(req, result);
         if locked {
-            let mut granted = Vec::new();
-            self.locks.release(req.0, &mut granted);
-            for waiter in granted {
+            self.release_lock(req.0);
+        }
+    }
+
+    /// Releases a range lock and moves every request it was blocking forward.
+    pub(super) fn release_lock(&mut self, lock_id: u64) {
+        let mut granted = Vec::new();
+        self.locks.release(lock_id, &mut granted);
+        for waiter in granted {
+            if waiter < INTERNAL_ID_BASE {
                 let waiter = ReqId(waiter);
                 if self.failed.is_some() {
-                    self.requests.get_mut(&waiter).expect("live").error = Some(Errno::Io);
-                    self.requests.get_mut(&waiter).expect("live").locked = true;
+                    let request = self.requests.get_mut(&waiter).expect("live");
+                    request.error = Some(Errno::Io);
+                    request.locked = true;
                     self.finish_write(waiter);
                 } else {
                     self.gate(waiter);
                 }
+            } else {
+                self.internal_lock_granted(waiter);
             }
         }
     }
 
-    fn reply(&mut self, req: ReqId, result: Result<(), Errno>) {
+    pub(super) fn reply(&mut self, req: ReqId, result: Result<(), Errno>) {
         let request = self.requests.remove(&req).expect("one reply per request");
         if result.is_err() && request.op.modification().is_none() {
             self.stats.errors += 1;
@@ -419,35 +653,59 @@ impl Engine {
 
     /// Starts a sync point if none is in flight and one is useful. `forced`: a client
     /// FLUSH needs one even when no write is waiting to become durable.
-    fn maybe_start_sync(&mut self, forced: bool) {
+    pub(super) fn maybe_start_sync(&mut self, forced: bool) {
         if self.sync.is_some() {
             return;
         }
-        if self.unsynced.is_empty() && self.flush_waiters.is_empty() && !forced {
+        let peer_work = self.link.as_ref().is_some_and(|c| c.wants_flush());
+        if self.unsynced.is_empty() && self.flush_waiters.is_empty() && !forced && !peer_work {
             self.last_sync_ms = self.now_ms;
             return;
         }
-        let id = DiskOpId(self.next_disk_op);
-        self.next_disk_op += 1;
-        self.disk_ops.insert(id, DiskPurpose::Sync);
-        self.actions.push_back(Action::Disk {
-            id,
-            req: None,
-            op: ClientOp::Flush,
-        });
+        let id = self.issue(DiskPurpose::Sync, None, ClientOp::Flush);
+        let peer_seq = self.send_peer_flush();
         self.sync = Some(SyncPoint {
             disk_op: id,
+            local_done: false,
+            peer_seq,
             covers: std::mem::take(&mut self.unsynced),
             flushes: std::mem::take(&mut self.flush_waiters),
+            result: Ok(()),
         });
         self.last_sync_ms = self.now_ms;
         self.stats.sync_points += 1;
     }
 
-    fn sync_done(&mut self, id: DiskOpId, result: Result<(), Errno>) {
-        let sync = self.sync.take().expect("a sync point is in flight");
+    fn sync_local_done(&mut self, id: DiskOpId, result: Result<(), Errno>) {
+        let sync = self.sync.as_mut().expect("a sync point is in flight");
         assert_eq!(sync.disk_op, id);
-        match result {
+        sync.local_done = true;
+        if let Err(errno) = result {
+            sync.result = Err(errno);
+        }
+        self.maybe_finish_sync();
+    }
+
+    /// The peer's half of the sync point completed (FlushAck) or became moot (link lost).
+    pub(super) fn sync_peer_done(&mut self, seq: Option<u64>) {
+        if let Some(sync) = self.sync.as_mut()
+            && (seq.is_none() || sync.peer_seq == seq)
+        {
+            sync.peer_seq = None;
+            self.maybe_finish_sync();
+        }
+    }
+
+    fn maybe_finish_sync(&mut self) {
+        let done = self
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.local_done && s.peer_seq.is_none());
+        if !done {
+            return;
+        }
+        let sync = self.sync.take().expect("checked");
+        match sync.result {
             Ok(()) => {
                 for write in sync.covers {
                     self.meta.handle_write_durable(write);
@@ -471,6 +729,7 @@ impl Engine {
         if !self.flush_waiters.is_empty() {
             self.maybe_start_sync(true);
         }
+        self.finish_deactivate_if_synced();
     }
 
     fn fail(&mut self, error: MetaError) {
@@ -479,7 +738,7 @@ impl Engine {
 
     /// Fails the disk: every write not yet on the disk is answered EIO; writes already
     /// submitted are answered EIO when their disk op returns.
-    fn fail_with(&mut self, reason: String) {
+    pub(super) fn fail_with(&mut self, reason: String) {
         if self.failed.is_none() {
             self.failed = Some(reason);
         }
@@ -495,9 +754,12 @@ impl Engine {
             };
             request.error.get_or_insert(Errno::Io);
             match request.phase {
-                // Still holding nothing: answer now; its range was never locked.
+                // Still queued behind a lock: answered when granted (`release_lock`).
                 Phase::Locking => {}
-                Phase::Gating => self.finish_write(req),
+                Phase::Gating => {
+                    request.peer_seq = None;
+                    self.finish_write(req);
+                }
                 Phase::Submitted => self.maybe_complete(req),
                 Phase::Flushing => unreachable!("flushes are not modifications"),
             }
@@ -505,11 +767,15 @@ impl Engine {
     }
 
     /// Moves metadata engine outputs into actions until nothing changes.
-    fn pump(&mut self) {
+    pub(super) fn pump(&mut self) {
         loop {
             let mut progress = false;
             while let Some(id) = self.meta.poll_ready() {
                 progress = true;
+                if id.0 >= INTERNAL_ID_BASE {
+                    self.apply_admitted(id.0);
+                    continue;
+                }
                 let req = ReqId(id.0);
                 if self
                     .requests
@@ -521,6 +787,9 @@ impl Engine {
             }
             while let Some(id) = self.meta.poll_ackable() {
                 progress = true;
+                if id.0 >= INTERNAL_ID_BASE {
+                    continue;
+                }
                 let req = ReqId(id.0);
                 if let Some(request) = self.requests.get_mut(&req) {
                     request.ackable = true;
@@ -531,6 +800,15 @@ impl Engine {
                 progress = true;
                 self.actions.push_back(Action::Meta(io));
             }
+            if let Some(ticket) = self.generation_hold
+                && self.meta.superblock_durable(ticket)
+            {
+                self.release_generation_hold();
+                progress = true;
+            }
+            if self.superblock_waits_done() {
+                progress = true;
+            }
             // Writes waiting for activity-log slots wait for the sync point that lets
             // completed writes' extents go cold: start it now rather than at the timer.
             if self.sync.is_none() && !self.unsynced.is_empty() && self.meta.writes_waiting_al() > 0
@@ -538,321 +816,130 @@ impl Engine {
                 self.maybe_start_sync(false);
                 progress = true;
             }
+            if self.sync.is_none()
+                && self
+                    .link
+                    .as_ref()
+                    .is_some_and(|c| c.tlog.len() >= TRANSFER_LOG_SYNC_WRITES)
+            {
+                self.maybe_start_sync(false);
+                progress = true;
+            }
+            if self.resync_step() {
+                progress = true;
+            }
             if !progress {
                 break;
             }
         }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::core::meta::{CreateParams, MetaIoKind};
-
-    const MIB: u64 = 1 << 20;
-
-    /// Drives an engine: metadata I/O completes at once against an in-memory area;
-    /// disk ops are held until the test completes them, so it controls interleavings.
-    struct Harness {
-        engine: Engine,
-        area: Vec<u8>,
-        disk: Vec<(DiskOpId, Option<ReqId>, DiskOp)>,
-        replies: Vec<(ReqId, Result<(), Errno>)>,
-        fail_meta: bool,
-    }
-
-    impl Harness {
-        fn new(al_slots: u32) -> Harness {
-            let mut params = CreateParams::new([7; 16], "t", 1, 2, 256 * MIB);
-            params.al_slot_count = al_slots;
-            let (meta, image) = MetaEngine::create(&params).expect("valid params");
-            let area = image.to_bytes(meta.layout().cluster_bytes);
-            let config = EngineConfig {
-                lock_alignment_bytes: 4096,
-                sync_interval_ms: 1000,
-            };
-            let mut h = Harness {
-                engine: Engine::new(config, meta, 0),
-                area,
-                disk: Vec::new(),
-                replies: Vec::new(),
-                fail_meta: false,
-            };
-            h.run();
-            h
-        }
-
-        fn run(&mut self) {
-            while let Some(action) = self.engine.poll_action() {
-                match action {
-                    Action::Meta(io) => {
-                        if let MetaIoKind::Write { offset, bytes } = &io.kind {
-                            let at = *offset as usize;
-                            self.area[at..at + bytes.len()].copy_from_slice(bytes);
-                        }
-                        let result = if self.fail_meta {
-                            Err(libc_eio())
-                        } else {
-                            Ok(())
-                        };
-                        self.engine.handle_meta_done(io.id, result);
-                    }
-                    Action::Disk { id, req, op } => self.disk.push((id, req, op)),
-                    Action::Reply { req, result } => self.replies.push((req, result)),
-                }
+    /// Completes role changes and other steps that waited for a superblock write.
+    fn superblock_waits_done(&mut self) -> bool {
+        let mut progress = false;
+        match self.role_change {
+            Some(RoleChange::Activate(ticket)) if self.meta.superblock_durable(ticket) => {
+                self.role_change = None;
+                self.actions
+                    .push_back(Action::RoleChanged { result: Ok(()) });
+                self.send_state();
+                progress = true;
             }
-        }
-
-        fn client(&mut self, op: ClientOp) -> ReqId {
-            let id = self.engine.handle_client(op);
-            self.run();
-            id
-        }
-
-        /// Completes every held disk op (oldest first), repeatedly, until none is left.
-        fn complete_disk(&mut self) {
-            while !self.disk.is_empty() {
-                let (id, _, _) = self.disk.remove(0);
-                self.engine.handle_disk_done(id, Ok(()));
-                self.run();
+            Some(RoleChange::Deactivate(Some(ticket))) if self.meta.superblock_durable(ticket) => {
+                self.role_change = None;
+                self.actions
+                    .push_back(Action::RoleChanged { result: Ok(()) });
+                self.send_state();
+                progress = true;
             }
+            _ => {}
         }
-
-        fn reply_of(&self, req: ReqId) -> Option<Result<(), Errno>> {
-            self.replies
-                .iter()
-                .find(|(r, _)| *r == req)
-                .map(|(_, result)| *result)
+        if self.peer_superblock_waits_done() {
+            progress = true;
         }
+        progress
+    }
 
-        fn disk_writes_for(&self, req: ReqId) -> usize {
-            self.disk.iter().filter(|(_, r, _)| *r == Some(req)).count()
+    /// Makes this disk active (Primary). Allowed for an UpToDate disk whose connected
+    /// peer is not Primary, or — disconnected — only with `forced` (forced-permit: the
+    /// data cannot be proven up to date; a new generation marked forced is made). The
+    /// outcome arrives as `Action::RoleChanged` once the new role is durable.
+    pub fn activate(&mut self, forced: bool, random: u64) -> Result<(), String> {
+        if self.role() == Role::Primary {
+            return Ok(());
         }
-    }
-
-    fn libc_eio() -> i32 {
-        5
-    }
-
-    fn write(offset: u64, length: u64) -> ClientOp {
-        ClientOp::Write {
-            range: ByteRange::new(offset, length).unwrap(),
-            fua: false,
+        if self.role_change.is_some() {
+            return Err("a role change is already in progress".into());
         }
-    }
-
-    #[test]
-    fn write_is_answered_after_its_disk_write() {
-        let mut h = Harness::new(64);
-        let w = h.client(write(0, 4096));
-        assert_eq!(
-            h.disk_writes_for(w),
-            1,
-            "admitted once the AL record is durable"
-        );
-        assert_eq!(h.reply_of(w), None);
-        h.complete_disk();
-        assert_eq!(h.reply_of(w), Some(Ok(())));
-    }
-
-    #[test]
-    fn overlapping_write_waits_for_the_earlier_one() {
-        let mut h = Harness::new(64);
-        let first = h.client(write(0, 8192));
-        let second = h.client(write(4096, 4096));
-        let unrelated = h.client(write(MIB, 4096));
-        assert_eq!(h.disk_writes_for(first), 1);
-        assert_eq!(h.disk_writes_for(second), 0, "overlaps an unanswered write");
-        assert_eq!(h.disk_writes_for(unrelated), 1);
-        h.complete_disk();
-        assert_eq!(h.reply_of(first), Some(Ok(())));
-        assert_eq!(h.reply_of(second), Some(Ok(())));
-        let first_at = h.replies.iter().position(|(r, _)| *r == first).unwrap();
-        let second_at = h.replies.iter().position(|(r, _)| *r == second).unwrap();
-        assert!(first_at < second_at);
-    }
-
-    #[test]
-    fn unaligned_writes_in_one_block_are_serialised() {
-        let mut h = Harness::new(64);
-        let a = h.client(write(0, 512));
-        let b = h.client(write(1024, 512));
-        assert_eq!(h.disk_writes_for(a), 1);
-        assert_eq!(
-            h.disk_writes_for(b),
-            0,
-            "same 4 KiB block: read-modify-write must not race"
-        );
-        h.complete_disk();
-        assert_eq!(h.reply_of(b), Some(Ok(())));
-    }
-
-    #[test]
-    fn flush_is_answered_by_a_sync_point_started_after_it() {
-        let mut h = Harness::new(64);
-        let w = h.client(write(0, 4096));
-        h.complete_disk();
-        assert_eq!(h.reply_of(w), Some(Ok(())));
-        let f = h.client(ClientOp::Flush);
-        let flushes: Vec<_> = h
-            .disk
-            .iter()
-            .filter(|(_, req, op)| req.is_none() && *op == ClientOp::Flush)
-            .collect();
-        assert_eq!(flushes.len(), 1, "the flush starts a sync point");
-        // A second FLUSH while the first sync point is in flight needs a new one.
-        let g = h.client(ClientOp::Flush);
-        h.engine.handle_disk_done(h.disk[0].0, Ok(()));
-        h.disk.remove(0);
-        h.run();
-        assert_eq!(h.reply_of(f), Some(Ok(())));
-        assert_eq!(
-            h.reply_of(g),
-            None,
-            "g arrived after the first flush was issued"
-        );
-        h.complete_disk();
-        assert_eq!(h.reply_of(g), Some(Ok(())));
-    }
-
-    #[test]
-    fn broken_mode_answers_only_after_the_journal_is_durable() {
-        let mut h = Harness::new(64);
-        h.engine.set_broken();
-        h.run();
-        let w = h.engine.handle_client(write(8 * MIB, 4096));
-        // Do not run metadata I/O yet: the write must not be submitted (cold extent) nor
-        // answered before its journal block is durable.
-        let mut held_meta = Vec::new();
-        while let Some(action) = h.engine.poll_action() {
-            match action {
-                Action::Meta(io) => held_meta.push(io),
-                Action::Disk { id, req, op } => h.disk.push((id, req, op)),
-                Action::Reply { req, result } => h.replies.push((req, result)),
+        if let Some(reason) = &self.failed {
+            return Err(format!("the disk has failed: {reason}"));
+        }
+        let connected = self.link.as_ref().is_some_and(|c| c.is_replicating());
+        if connected {
+            let peer = self.link.as_ref().expect("connected").peer;
+            if peer.role == Role::Primary {
+                return Err("the peer is active (Primary); deactivate it first".into());
             }
-        }
-        assert_eq!(
-            h.disk_writes_for(w),
-            0,
-            "cold extent waits for its journal bits"
-        );
-        assert!(!held_meta.is_empty());
-        for io in held_meta {
-            if let MetaIoKind::Write { offset, bytes } = &io.kind {
-                let at = *offset as usize;
-                h.area[at..at + bytes.len()].copy_from_slice(bytes);
+            if self.disk_state != DiskState::UpToDate {
+                return Err(format!(
+                    "the disk is {:?}, not UpToDate: wait for the resync to finish",
+                    self.disk_state
+                ));
             }
-            h.engine.handle_meta_done(io.id, Ok(()));
-            h.run();
+        } else if !forced {
+            let state = self.disk_state;
+            return Err(format!(
+                "the peer is not connected, so this disk ({state:?}) cannot be proven up to date; \
+                 use forced-permit to activate it anyway"
+            ));
+        } else if self.disk_state == DiskState::Inconsistent {
+            return Err("the disk is Inconsistent (a resync target that did not finish): refusing even forced activation".into());
         }
-        assert_eq!(h.disk_writes_for(w), 1);
-        h.complete_disk();
-        assert_eq!(h.reply_of(w), Some(Ok(())));
-        assert!(h.engine.meta().stats().dirty_regions >= 1);
-    }
-
-    #[test]
-    fn writes_waiting_for_activity_log_slots_start_a_sync_point() {
-        // Few slots, writes to distinct extents: without sync points started on
-        // pressure, the writes past the slot count would wait for the timer.
-        let slots = crate::core::meta::AL_SLOT_COUNT_MIN;
-        let mut h = Harness::new(slots);
-        let extent = 4 * MIB;
-        let mut ids = Vec::new();
-        for i in 0..(slots as u64 * 3) {
-            ids.push(h.client(write(i * extent, 4096)));
-            h.complete_disk();
-        }
-        for id in ids {
-            assert_eq!(
-                h.reply_of(id),
-                Some(Ok(())),
-                "never stuck behind a full activity log"
-            );
-        }
-        assert!(h.engine.stats().sync_points > 0);
-    }
-
-    #[test]
-    fn periodic_sync_point_on_timeout() {
-        let mut h = Harness::new(64);
-        let w = h.client(write(0, 4096));
-        h.complete_disk();
-        assert_eq!(h.reply_of(w), Some(Ok(())));
-        h.engine.handle_timeout(999);
-        h.run();
-        assert!(h.disk.is_empty(), "not yet due");
-        h.engine.handle_timeout(1000);
-        h.run();
-        assert_eq!(h.disk.len(), 1, "sync point due");
-        h.complete_disk();
-        assert_eq!(h.engine.stats().sync_points, 1);
-    }
-
-    #[test]
-    fn read_passes_through_without_locking() {
-        let mut h = Harness::new(64);
-        let w = h.client(write(0, 4096));
-        let r = h.client(ClientOp::Read {
-            range: ByteRange::new(0, 4096).unwrap(),
+        let ticket = self.meta.update_superblock(|s| {
+            s.role = Role::Primary;
+            s.flags.insert(Flags::WAS_PRIMARY);
+            s.flags.remove(Flags::CRASHED_PRIMARY);
+            if forced && !connected {
+                s.flags.insert(Flags::FORCED);
+                s.generations.new_current(random);
+                s.disk_state = DiskState::UpToDate;
+            }
         });
-        assert_eq!(
-            h.disk_writes_for(r),
-            1,
-            "reads are not ordered against writes"
-        );
-        h.complete_disk();
-        assert_eq!(h.reply_of(r), Some(Ok(())));
-        assert_eq!(h.reply_of(w), Some(Ok(())));
-    }
-
-    #[test]
-    fn disk_error_is_reported_and_other_writes_continue() {
-        let mut h = Harness::new(64);
-        let w = h.client(write(0, 4096));
-        let (id, _, _) = h.disk.remove(0);
-        h.engine.handle_disk_done(id, Err(Errno::Io));
-        h.run();
-        assert_eq!(h.reply_of(w), Some(Err(Errno::Io)));
-    }
-
-    #[test]
-    fn metadata_failure_fails_pending_and_new_writes() {
-        let mut h = Harness::new(64);
-        h.fail_meta = true;
-        h.engine.set_broken();
-        h.run();
-        let w = h.client(write(0, 4096));
-        h.complete_disk();
-        assert_eq!(h.reply_of(w), Some(Err(Errno::Io)));
-        assert!(h.engine.failure().is_some());
-        let later = h.client(write(MIB, 4096));
-        assert_eq!(h.reply_of(later), Some(Err(Errno::Io)));
-    }
-
-    #[test]
-    fn every_request_gets_exactly_one_reply() {
-        let mut h = Harness::new(16);
-        let mut ids = Vec::new();
-        for i in 0..200u64 {
-            let op = match i % 5 {
-                0 => ClientOp::Flush,
-                1 => ClientOp::Read {
-                    range: ByteRange::new((i % 7) * 4096, 4096).unwrap(),
-                },
-                _ => write(((i * 7919) % 64) * MIB / 2, 4096 * (1 + i % 3)),
-            };
-            ids.push(h.client(op));
-            if i % 3 == 0 {
-                h.complete_disk();
-            }
+        if forced && !connected {
+            self.disk_state = DiskState::UpToDate;
+            self.meta.set_mode(Mode::Broken, &[]);
         }
-        h.complete_disk();
-        for id in &ids {
-            let count = h.replies.iter().filter(|(r, _)| r == id).count();
-            assert_eq!(count, 1, "request {id:?}");
+        self.role_change = Some(RoleChange::Activate(ticket));
+        self.pump();
+        Ok(())
+    }
+
+    /// Makes this disk inactive (Secondary). The shell has already stopped the export
+    /// and drained its requests; a final sync point makes everything durable on both
+    /// sides first. The outcome arrives as `Action::RoleChanged`.
+    pub fn deactivate(&mut self) -> Result<(), String> {
+        if self.role() == Role::Secondary && self.role_change.is_none() {
+            return Ok(());
         }
-        assert_eq!(h.engine.stats().requests_in_flight, 0);
+        if self.role_change.is_some() {
+            return Err("a role change is already in progress".into());
+        }
+        if !self.requests.is_empty() {
+            return Err("client requests are still in flight; stop the export first".into());
+        }
+        self.role_change = Some(RoleChange::Deactivate(None));
+        self.maybe_start_sync(true);
+        self.pump();
+        self.finish_deactivate_if_synced();
+        Ok(())
+    }
+
+    /// Once no sync point is outstanding, the new role is written.
+    pub(super) fn finish_deactivate_if_synced(&mut self) {
+        if self.role_change == Some(RoleChange::Deactivate(None)) && self.sync.is_none() {
+            let ticket = self.meta.update_superblock(|s| s.role = Role::Secondary);
+            self.role_change = Some(RoleChange::Deactivate(Some(ticket)));
+            self.pump();
+        }
     }
 }

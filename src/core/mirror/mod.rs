@@ -1,13 +1,22 @@
 //! The mirror engine: the one state machine every block request of a mirrored volume
 //! passes through — overlap ordering, activity-log and journal gating, sync points,
-//! and the rule for when a write may be acknowledged.
+//! replication to the peer, applying the peer's writes, resync — and the rule for when
+//! a write may be acknowledged.
 //!
-//! Sans-IO like the rest of the core: the shell feeds client requests, disk and
-//! metadata completions and `now`; the engine answers with actions (disk I/O,
-//! metadata I/O, replies). The same engine runs `mirrordisk serve` on a device with a
-//! CLUSTER partition (no peer: Connected without one, or Broken = journaling) and the
-//! node agent.
+//! Sans-IO like the rest of the core: the shell feeds client requests, peer messages,
+//! link events, disk and metadata completions and `now`; the engine answers with
+//! actions (disk I/O, metadata I/O, messages to send, replies). The same engine runs
+//! `mirrordisk serve` on a device with a CLUSTER partition (no peer) and the node agent.
 
 pub mod engine;
+pub mod peer;
+pub mod types;
 
-pub use engine::{Action, ClientOp, DiskOp, DiskOpId, Engine, EngineConfig, EngineStats, ReqId};
+pub use engine::{Engine, EngineConfig, EngineStats, EngineStatus, PeerStatus};
+pub use peer::{Decision, LinkStatus, ResyncStatus, decide};
+pub use types::{
+    Action, ClientOp, DataRef, DiskOp, DiskOpId, PeerDataId, PeerMsg, ReqId, ResyncBufId,
+};
+
+#[cfg(test)]
+mod local_tests;

@@ -1,0 +1,1298 @@
+//! The peer half of the engine: connection life cycle, the bitmap exchange at connect,
+//! replication on the primary (transfer log, acks, peer flushes), applying on the
+//! secondary (activity log first, overlapping writes and flush coverage in sequence
+//! order), and resync as source and target.
+//!
+//! Only one side sends sequence-numbered data on a connection: the primary (client
+//! writes) which is also always the sync source. A primary that the generation rules
+//! find *behind* its peer refuses the connection instead.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use roaring::RoaringBitmap;
+
+use crate::core::meta::generation::{GENERATION_JUST_CREATED, GENERATION_NONE};
+use crate::core::meta::{
+    self, DiskState, Flags, Gate, Generations, Mode, Role, SuperblockTicket, WriteId,
+};
+use crate::core::nbd::wire::Errno;
+use crate::core::overlap::{Acquire, ByteRange};
+use crate::core::repl::wire::NodeState;
+
+use super::engine::{DiskPurpose, Engine};
+use super::types::{Action, ClientOp, DataRef, PeerDataId, PeerMsg, ReqId, ResyncBufId};
+
+/// Bytes of serialized bitmap per BitmapChunk frame (the wire allows up to 1 MiB).
+pub const BITMAP_CHUNK_BYTES: usize = 1 << 20;
+/// Largest serialized bitmap accepted from a peer: the worst case for the largest
+/// volume the format allows (16 TiB at 4 KiB: 4096 bitmap containers per TiB of
+/// 8 KiB) with room for headers. Anything larger is a protocol violation.
+pub const PEER_BITMAP_BYTES_MAX: usize = 16 * 4096 * 8200 + (1 << 20);
+/// Bytes per resync request: large enough to stream, small enough to interleave with
+/// client writes (a client write to a region being resynced waits for at most this).
+pub const RESYNC_CHUNK_BYTES: u64 = 1 << 20;
+/// Resync requests in flight when the client is idle: keeps the link busy.
+pub const RESYNC_IN_FLIGHT_IDLE: usize = 16;
+/// Resync requests in flight while client requests are in flight: the application
+/// keeps most of the bandwidth and the resync still progresses.
+pub const RESYNC_IN_FLIGHT_BUSY: usize = 2;
+
+/// What the generation rules decided for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Same data generation: only regions either side marked dirty differ.
+    InSync,
+    /// We are ahead: we copy to the peer (full = every region).
+    SyncSource { full: bool },
+    /// The peer is ahead: it copies to us.
+    SyncTarget { full: bool },
+    /// Both disks are new: the operator picks the source (`rebuild --full --from`).
+    BothJustCreated,
+    /// Both sides wrote after parting: nothing moves until the operator resolves it.
+    SplitBrain,
+    /// No common history: these disks are not a mirror pair.
+    Unrelated,
+}
+
+/// The generation rules, in DRBD's order (see `docs/replication-protocol.md`).
+pub fn decide(ours: &Generations, peer: &Generations) -> Decision {
+    let just = GENERATION_JUST_CREATED;
+    if ours.current == just && peer.current == just {
+        return Decision::BothJustCreated;
+    }
+    if ours.current == just {
+        return Decision::SyncTarget { full: true };
+    }
+    if peer.current == just {
+        return Decision::SyncSource { full: true };
+    }
+    if ours.current == peer.current {
+        return Decision::InSync;
+    }
+    if ours.bitmap != 0 && ours.bitmap == peer.current {
+        return Decision::SyncSource { full: false };
+    }
+    if peer.bitmap != 0 && peer.bitmap == ours.current {
+        return Decision::SyncTarget { full: false };
+    }
+    if ours.bitmap != 0 && ours.bitmap == peer.bitmap {
+        return Decision::SplitBrain;
+    }
+    if ours.history.contains(&peer.current)
+        || (ours.bitmap != 0 && ours.history.contains(&peer.bitmap))
+    {
+        return Decision::SyncSource { full: true };
+    }
+    if peer.history.contains(&ours.current)
+        || (peer.bitmap != 0 && peer.history.contains(&ours.bitmap))
+    {
+        return Decision::SyncTarget { full: true };
+    }
+    Decision::Unrelated
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ConnPhase {
+    /// Bitmaps are being exchanged; the primary keeps journaling.
+    Exchanging,
+    /// Writes replicate (and a resync may run).
+    Replicating,
+    /// Both disks are new: waiting for `rebuild --full --from`.
+    WaitingForOperator,
+}
+
+/// One connection to the peer, from handshake to loss.
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub(super) epoch: u64,
+    pub(super) peer: NodeState,
+    pub(super) phase: ConnPhase,
+    pub(super) decision: Decision,
+    next_seq: u64,
+    /// The engine asked the shell to close this connection: send nothing more.
+    dropping: bool,
+    /// Primary: replicated writes not yet covered by a peer FlushAck (seq -> range).
+    pub(super) tlog: BTreeMap<u64, ByteRange>,
+    /// Primary: replicated writes not yet acknowledged (seq -> request, sent at).
+    pub(super) awaiting: BTreeMap<u64, (ReqId, u64)>,
+    /// Flushes sent, not yet acknowledged (seq -> sent at).
+    flushes_sent: BTreeMap<u64, u64>,
+    peer_bitmap: Vec<u8>,
+    /// Secondary: sequence numbers received and not yet completed locally.
+    applying: BTreeSet<u64>,
+    /// Secondary: peer flushes waiting for every lower sequence to complete.
+    flushes_waiting: VecDeque<u64>,
+    /// Secondary: completed app-write applies not yet covered by a local flush.
+    applied_unflushed: Vec<u64>,
+    /// Secondary: app-write applies covered by each local flush in flight.
+    flush_covers: HashMap<u64, Vec<u64>>,
+    pub(super) resync: Option<ResyncSource>,
+    /// Target: set while a resync towards us runs.
+    target: Option<TargetState>,
+}
+
+impl Conn {
+    fn new(epoch: u64, peer: NodeState, decision: Decision) -> Conn {
+        Conn {
+            epoch,
+            peer,
+            phase: ConnPhase::Exchanging,
+            decision,
+            next_seq: 1,
+            dropping: false,
+            tlog: BTreeMap::new(),
+            awaiting: BTreeMap::new(),
+            flushes_sent: BTreeMap::new(),
+            peer_bitmap: Vec::new(),
+            applying: BTreeSet::new(),
+            flushes_waiting: VecDeque::new(),
+            applied_unflushed: Vec::new(),
+            flush_covers: HashMap::new(),
+            resync: None,
+            target: None,
+        }
+    }
+
+    pub(super) fn is_replicating(&self) -> bool {
+        self.phase == ConnPhase::Replicating && !self.dropping
+    }
+
+    pub(super) fn is_resync_source(&self) -> bool {
+        self.resync.is_some()
+    }
+
+    /// Something is waiting for a peer flush (transfer log or acked resync data).
+    pub(super) fn wants_flush(&self) -> bool {
+        self.is_replicating()
+            && (!self.tlog.is_empty() || self.resync.as_ref().is_some_and(|r| !r.acked.is_empty()))
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+}
+
+/// Target side of a resync.
+#[derive(Debug)]
+struct TargetState {
+    /// Superblock marking us Inconsistent: no resync data is applied before it is durable.
+    marking: SuperblockTicket,
+    /// Completion: the superblock taking the source's generation.
+    finishing: Option<SuperblockTicket>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResyncOpPhase {
+    Locking,
+    Reading,
+}
+
+#[derive(Debug)]
+struct ResyncOp {
+    range: ByteRange,
+    phase: ResyncOpPhase,
+}
+
+/// Source side of a resync: walks the dirty bitmap in region order.
+#[derive(Debug)]
+pub(super) struct ResyncSource {
+    full: bool,
+    /// Next region the current pass looks at.
+    cursor: u64,
+    /// Ops locking or reading (key = lock id = buffer id).
+    ops: BTreeMap<u64, ResyncOp>,
+    /// Sent, waiting for ResyncAck (seq -> range, sent at).
+    sent: BTreeMap<u64, (ByteRange, u64)>,
+    /// Acknowledged, waiting for a peer flush before their bits are cleared.
+    acked: Vec<ByteRange>,
+    /// Cleared when the flush with this seq is acknowledged.
+    flushing: BTreeMap<u64, Vec<ByteRange>>,
+    pub(super) total_bytes: u64,
+    pub(super) done_bytes: u64,
+    pub(super) paused: bool,
+    started_ms: u64,
+    tokens_bytes: u64,
+    tokens_ms: u64,
+    finishing: Option<SuperblockTicket>,
+}
+
+/// A write received from the peer, from arrival to its ack.
+#[derive(Debug)]
+pub(super) struct Apply {
+    epoch: u64,
+    seq: u64,
+    range: ByteRange,
+    kind: ApplyKind,
+    data: Option<PeerDataId>,
+    /// Tracked by the metadata engine (app writes go through the activity log).
+    tracked: bool,
+    locked: bool,
+    result: Result<(), Errno>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ApplyKind {
+    Write { fua: bool },
+    Zeroes { fua: bool },
+    Resync,
+}
+
+fn meta_range(range: ByteRange) -> meta::ByteRange {
+    meta::ByteRange::new(range.start(), range.length())
+}
+
+impl Engine {
+    fn conn(&mut self) -> &mut Conn {
+        self.link.as_mut().expect("a connection")
+    }
+
+    /// The connection, if it is replicating (the peer receives client writes).
+    pub(super) fn link_replicating_peer(&self) -> Option<&Conn> {
+        self.link.as_ref().filter(|c| c.is_replicating())
+    }
+
+    fn send(&mut self, msg: PeerMsg, data: Option<DataRef>) {
+        if self.link.as_ref().is_some_and(|c| !c.dropping) {
+            self.actions.push_back(Action::Send { msg, data });
+        } else if let Some(data @ DataRef::Resync(_)) = data {
+            self.actions.push_back(Action::Release(data));
+        }
+    }
+
+    pub(super) fn send_state(&mut self) {
+        let state = self.node_state();
+        self.send(PeerMsg::State(state), None);
+    }
+
+    /// Asks the shell to close the connection; nothing more is sent on it.
+    pub(super) fn drop_link(&mut self, reason: String) {
+        if let Some(conn) = self.link.as_mut()
+            && !conn.dropping
+        {
+            conn.dropping = true;
+            self.actions.push_back(Action::DropLink { reason });
+        }
+    }
+
+    /// Sends a client write to the peer when replicating; returns its sequence number.
+    pub(super) fn replicate(&mut self, op: ClientOp, data: Option<DataRef>) -> Option<u64> {
+        if self.role() != Role::Primary || self.link_replicating_peer().is_none() {
+            return None;
+        }
+        let conn = self.conn();
+        let seq = conn.take_seq();
+        let (msg, range) = match op {
+            ClientOp::Write { range, fua } => (PeerMsg::Write { seq, range, fua }, range),
+            ClientOp::WriteZeroes { range, fua, .. } | ClientOp::Trim { range, fua } => {
+                (PeerMsg::WriteZeroes { seq, range, fua }, range)
+            }
+            _ => unreachable!("only modifications are replicated"),
+        };
+        conn.tlog.insert(seq, range);
+        self.stats.replicated_writes += 1;
+        self.stats.replicated_bytes += range.length();
+        self.send(msg, data);
+        Some(seq)
+    }
+
+    /// Sends the peer half of a sync point; returns its sequence number.
+    pub(super) fn send_peer_flush(&mut self) -> Option<u64> {
+        self.link_replicating_peer()?;
+        let now = self.now_ms;
+        let conn = self.conn();
+        let seq = conn.take_seq();
+        conn.flushes_sent.insert(seq, now);
+        if let Some(resync) = conn.resync.as_mut()
+            && !resync.acked.is_empty()
+        {
+            let acked = std::mem::take(&mut resync.acked);
+            resync.flushing.insert(seq, acked);
+        }
+        self.send(PeerMsg::Flush { seq }, None);
+        Some(seq)
+    }
+
+    // ----------------------------------------------------------------------------
+    // Connection life cycle.
+    // ----------------------------------------------------------------------------
+
+    /// A handshake completed: `peer` is the peer's state as it sent it.
+    pub fn handle_link_up(&mut self, epoch: u64, peer: NodeState) {
+        assert!(
+            self.link.is_none(),
+            "link up while a connection is established"
+        );
+        self.last_epoch = self.last_epoch.max(epoch);
+        self.peer_last = Some((peer, self.now_ms));
+        self.connect_problem = None;
+        let ours = self.generations();
+        let decision = decide(&ours, &peer.generations);
+        self.link = Some(Conn::new(epoch, peer, decision));
+        if self.role() == Role::Primary && peer.role == Role::Primary {
+            self.connect_problem =
+                Some("both nodes are active (Primary): refusing to connect".into());
+            self.drop_link("both nodes are Primary".into());
+            self.pump();
+            return;
+        }
+        // Both sides send their bitmap whatever the decision: the sync source needs the
+        // union of both journals.
+        let mut bytes = Vec::new();
+        self.meta
+            .dirty_bitmap()
+            .serialize_into(&mut bytes)
+            .expect("serializing to a Vec cannot fail");
+        let mut chunks = bytes.chunks(BITMAP_CHUNK_BYTES).peekable();
+        let mut offset = 0u64;
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            self.send(
+                PeerMsg::BitmapChunk {
+                    offset,
+                    bytes: chunk.to_vec(),
+                    last,
+                },
+                None,
+            );
+            offset += chunk.len() as u64;
+        }
+        self.pump();
+    }
+
+    /// The connection is gone (closed, failed, timed out, or dropped on request).
+    /// `random` seeds the new generation a primary makes now.
+    pub fn handle_link_down(&mut self, random: u64) {
+        let Some(conn) = self.link.take() else {
+            return;
+        };
+        self.stats.link_losses += 1;
+        let was_replicating = conn.phase == ConnPhase::Replicating;
+        if self.role() == Role::Primary {
+            // Every write the peer has not durably acknowledged is marked dirty, and no
+            // write is answered before that is durable (DESIGN §5).
+            let unacked: Vec<meta::ByteRange> =
+                conn.tlog.values().map(|r| meta_range(*r)).collect();
+            self.meta.set_mode(Mode::Broken, &unacked);
+            if was_replicating {
+                // The writes in flight are ones the peer may not hold: a new current
+                // generation, durable before anything more is submitted or answered.
+                let ticket = self
+                    .meta
+                    .update_superblock(|s| s.generations.new_current(random));
+                self.generation_hold = Some(ticket);
+            }
+        } else if self.disk_state == DiskState::UpToDate {
+            // Cut off from the primary, we cannot know we are up to date any more.
+            self.disk_state = DiskState::Consistent;
+        }
+        self.link_lost_cleanup(conn);
+        self.pump();
+    }
+
+    fn link_lost_cleanup(&mut self, conn: Conn) {
+        for (_, (req, _)) in conn.awaiting {
+            self.peer_write_settled(req, None);
+        }
+        self.sync_peer_done(None);
+        if let Some(resync) = conn.resync {
+            // Buffers of reads already done and not yet sent: none are kept between a
+            // read completing and its send, so only ops still reading hold one; their
+            // completion releases it (`resync_read_done` finds no op).
+            for (key, op) in resync.ops {
+                if op.phase == ResyncOpPhase::Reading {
+                    self.orphaned_resync_reads.insert(key);
+                }
+                if op.phase == ResyncOpPhase::Locking {
+                    self.orphaned_resync_locks.insert(key);
+                }
+            }
+        }
+        self.finish_deactivate_if_synced();
+    }
+
+    /// A message from the peer on the current connection. Data messages come with the
+    /// id under which the shell holds the payload.
+    pub fn handle_peer(&mut self, msg: PeerMsg, data: Option<PeerDataId>) {
+        if self.link.as_ref().is_none_or(|c| c.dropping) {
+            if let Some(id) = data {
+                self.actions.push_back(Action::Release(DataRef::Peer(id)));
+            }
+            return;
+        }
+        let data_bytes = self.meta.layout().data_bytes;
+        let in_bounds = |range: ByteRange| range.end() <= data_bytes;
+        match msg {
+            PeerMsg::State(state) => self.peer_state(state),
+            PeerMsg::Write { seq, range, fua } if in_bounds(range) && data.is_some() => {
+                self.receive(seq, range, ApplyKind::Write { fua }, data)
+            }
+            PeerMsg::WriteZeroes { seq, range, fua } if in_bounds(range) => {
+                self.receive(seq, range, ApplyKind::Zeroes { fua }, None)
+            }
+            PeerMsg::ResyncData { seq, range } if in_bounds(range) && data.is_some() => {
+                self.receive(seq, range, ApplyKind::Resync, data)
+            }
+            PeerMsg::Flush { seq } => {
+                self.conn().flushes_waiting.push_back(seq);
+                self.run_peer_flushes();
+            }
+            PeerMsg::Ack { seq } => match self.conn().awaiting.remove(&seq) {
+                Some((req, _)) => self.peer_write_settled(req, None),
+                None => self.drop_link(format!("protocol violation: Ack of unknown write {seq}")),
+            },
+            PeerMsg::Nack { seq, errno } => {
+                // The peer's disk failed this write: treat the peer disk as failed. The
+                // link loss marks every unacknowledged write (this one too) dirty.
+                self.drop_link(format!(
+                    "the peer's disk failed write {seq} (errno {errno})"
+                ));
+            }
+            PeerMsg::FlushAck { seq } => self.peer_flush_acked(seq),
+            PeerMsg::ResyncAck { seq } => self.resync_acked(seq),
+            PeerMsg::BitmapChunk {
+                offset,
+                bytes,
+                last,
+            } => self.bitmap_chunk(offset, bytes, last),
+            other => {
+                if let Some(id) = data {
+                    self.actions.push_back(Action::Release(DataRef::Peer(id)));
+                }
+                self.drop_link(format!(
+                    "protocol violation: {other:?} is out of bounds or malformed"
+                ));
+            }
+        }
+        self.pump();
+    }
+
+    fn bitmap_chunk(&mut self, offset: u64, bytes: Vec<u8>, last: bool) {
+        let conn = self.conn();
+        if conn.phase != ConnPhase::Exchanging
+            || offset != conn.peer_bitmap.len() as u64
+            || conn.peer_bitmap.len() + bytes.len() > PEER_BITMAP_BYTES_MAX
+        {
+            self.drop_link("protocol violation: unexpected bitmap chunk".into());
+            return;
+        }
+        conn.peer_bitmap.extend_from_slice(&bytes);
+        if last {
+            self.exchange_done();
+        }
+    }
+
+    /// Both bitmaps are known: act on the generation rules.
+    fn exchange_done(&mut self) {
+        let conn = self.conn();
+        let bytes = std::mem::take(&mut conn.peer_bitmap);
+        let decision = conn.decision;
+        let peer = conn.peer;
+        let region_count = self.meta.layout().region_count();
+        let peer_bits = match RoaringBitmap::deserialize_from(&bytes[..]) {
+            Ok(bits) if bits.max().is_none_or(|m| u64::from(m) < region_count) => bits,
+            _ => {
+                self.drop_link("protocol violation: the peer's bitmap does not decode".into());
+                return;
+            }
+        };
+        match decision {
+            Decision::Unrelated => {
+                self.connect_problem = Some(
+                    "the disks are unrelated (no common generation): refusing to replicate".into(),
+                );
+                self.drop_link("unrelated disks".into());
+            }
+            Decision::SplitBrain => {
+                self.connect_problem = Some(
+                    "split brain: both sides wrote after parting; resolve with `mirrorctl resolve`"
+                        .into(),
+                );
+                self.drop_link("split brain detected".into());
+            }
+            Decision::BothJustCreated => {
+                self.conn().phase = ConnPhase::WaitingForOperator;
+                self.connect_problem = Some("both disks are new: choose the source with `mirrorctl rebuild --full --from NODE`".into());
+            }
+            Decision::InSync => {
+                let ours_dirty = !self.meta.dirty_bitmap().is_empty();
+                if !ours_dirty && peer_bits.is_empty() {
+                    self.start_replicating();
+                } else if self.should_source_in_sync(&peer) {
+                    self.start_source(false, peer_bits);
+                } else {
+                    self.start_target(false);
+                }
+            }
+            Decision::SyncSource { full } => self.start_source(full, peer_bits),
+            Decision::SyncTarget { full } => {
+                if self.role() == Role::Primary {
+                    self.connect_problem = Some(
+                        "the active node's data is older than its peer's: refusing to replicate"
+                            .into(),
+                    );
+                    self.drop_link("active node is behind".into());
+                } else {
+                    self.start_target(full);
+                }
+            }
+        }
+    }
+
+    /// Same generation with dirty regions (a crash): the active node, or else the one
+    /// that crashed while primary (its activity log may hold writes the other lacks),
+    /// or else the lower node id, copies to the other.
+    fn should_source_in_sync(&self, peer: &NodeState) -> bool {
+        if self.role() != peer.role {
+            return self.role() == Role::Primary;
+        }
+        let ours = self
+            .meta
+            .superblock()
+            .state
+            .flags
+            .contains(Flags::CRASHED_PRIMARY);
+        let theirs = peer.flags.contains(Flags::CRASHED_PRIMARY);
+        if ours != theirs {
+            return ours;
+        }
+        self.meta.superblock().identity.node_id < self.meta.superblock().identity.peer_node_id
+    }
+
+    fn start_replicating(&mut self) {
+        let conn = self.conn();
+        conn.phase = ConnPhase::Replicating;
+        self.connect_problem = None;
+        self.meta.set_mode(Mode::Connected, &[]);
+        if self.meta.superblock().state.disk_state == DiskState::UpToDate
+            && self.disk_state != DiskState::Inconsistent
+        {
+            self.disk_state = DiskState::UpToDate;
+        }
+        self.send_state();
+    }
+
+    /// We copy to the peer: its dirty regions join ours in our journal (so a crash does
+    /// not forget them), writes replicate from now on, and the resync walks the union.
+    fn start_source(&mut self, full: bool, peer_bits: RoaringBitmap) {
+        let layout = *self.meta.layout();
+        let granularity = u64::from(layout.granularity_bytes);
+        let ranges: Vec<meta::ByteRange> = if full {
+            vec![meta::ByteRange::new(0, layout.data_bytes)]
+        } else {
+            runs(&peer_bits)
+                .map(|(start, end)| {
+                    let offset = start * granularity;
+                    meta::ByteRange::new(
+                        offset,
+                        (end * granularity).min(layout.data_bytes) - offset,
+                    )
+                })
+                .collect()
+        };
+        self.meta.mark_dirty(&ranges);
+        let total_bytes = meta::engine::dirty_bytes(self.meta.dirty_bitmap(), &layout);
+        self.conn().phase = ConnPhase::Replicating;
+        self.connect_problem = None;
+        self.meta.set_mode(Mode::Connected, &[]);
+        if self.meta.superblock().state.disk_state == DiskState::UpToDate {
+            self.disk_state = DiskState::UpToDate;
+        }
+        let now = self.now_ms;
+        self.conn().resync = Some(ResyncSource {
+            full,
+            cursor: 0,
+            ops: BTreeMap::new(),
+            sent: BTreeMap::new(),
+            acked: Vec::new(),
+            flushing: BTreeMap::new(),
+            total_bytes,
+            done_bytes: 0,
+            paused: false,
+            started_ms: now,
+            tokens_bytes: RESYNC_CHUNK_BYTES,
+            tokens_ms: now,
+            finishing: None,
+        });
+        self.send_state();
+    }
+
+    /// The peer copies to us: we are Inconsistent (durably) until it is done.
+    fn start_target(&mut self, full: bool) {
+        let marking = self.meta.update_superblock(|s| {
+            s.disk_state = DiskState::Inconsistent;
+            s.flags.insert(Flags::RESYNC_IN_PROGRESS);
+            if full {
+                s.flags.insert(Flags::FULL_SYNC_REQUIRED);
+            }
+        });
+        self.disk_state = DiskState::Inconsistent;
+        let conn = self.conn();
+        conn.phase = ConnPhase::Replicating;
+        conn.target = Some(TargetState {
+            marking,
+            finishing: None,
+        });
+        self.connect_problem = None;
+        self.meta.set_mode(Mode::Connected, &[]);
+        self.send_state();
+    }
+
+    /// The peer's state changed.
+    fn peer_state(&mut self, state: NodeState) {
+        self.peer_last = Some((state, self.now_ms));
+        let conn = self.conn();
+        let before = conn.peer;
+        conn.peer = state;
+        let phase = conn.phase;
+        if state.role == Role::Primary && self.role() == Role::Primary {
+            self.connect_problem = Some("both nodes are active (Primary)".into());
+            self.drop_link("both nodes are Primary".into());
+            return;
+        }
+        match phase {
+            ConnPhase::WaitingForOperator if state.generations != before.generations => {
+                // The operator chose the peer as the source: follow the rules again.
+                let decision = decide(&self.generations(), &state.generations);
+                self.conn().decision = decision;
+                if let Decision::SyncTarget { full } = decision {
+                    self.start_target(full);
+                }
+            }
+            ConnPhase::Replicating => {
+                let target = self
+                    .conn()
+                    .target
+                    .as_ref()
+                    .is_some_and(|t| t.finishing.is_none());
+                let source_done = !state.flags.contains(Flags::RESYNC_IN_PROGRESS)
+                    && state.disk_state == DiskState::UpToDate;
+                if target && source_done && state.generations.current != GENERATION_JUST_CREATED {
+                    self.finish_target(state.generations);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The source finished: every resync write is durable here (its last FlushAck
+    /// preceded its State), so take its generation and become UpToDate.
+    fn finish_target(&mut self, source: Generations) {
+        let data_bytes = self.meta.layout().data_bytes;
+        self.meta.mark_clean(&[meta::ByteRange::new(0, data_bytes)]);
+        let ticket = self.meta.update_superblock(|s| {
+            s.generations = Generations {
+                current: source.current,
+                bitmap: GENERATION_NONE,
+                history: s.generations.history,
+            };
+            s.disk_state = DiskState::UpToDate;
+            s.flags.remove(Flags::RESYNC_IN_PROGRESS);
+            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
+            s.flags.remove(Flags::CRASHED_PRIMARY);
+        });
+        if let Some(target) = self.conn().target.as_mut() {
+            target.finishing = Some(ticket);
+        }
+    }
+
+    /// Superblock writes the peer half waits for: target marking and completion,
+    /// source completion.
+    pub(super) fn peer_superblock_waits_done(&mut self) -> bool {
+        let Some(conn) = self.link.as_ref() else {
+            return false;
+        };
+        let target_finished = conn
+            .target
+            .as_ref()
+            .and_then(|t| t.finishing)
+            .is_some_and(|ticket| self.meta.superblock_durable(ticket));
+        let target_marked = conn
+            .target
+            .as_ref()
+            .is_some_and(|t| self.meta.superblock_durable(t.marking));
+        let source_finished = conn
+            .resync
+            .as_ref()
+            .and_then(|r| r.finishing)
+            .is_some_and(|ticket| self.meta.superblock_durable(ticket));
+        let mut progress = false;
+        if target_finished {
+            self.conn().target = None;
+            self.disk_state = DiskState::UpToDate;
+            self.send_state();
+            progress = true;
+        } else if target_marked && !self.held_applies.is_empty() {
+            let held: Vec<u64> = self.held_applies.drain(..).collect();
+            for id in held {
+                self.apply_locked(id);
+            }
+            progress = true;
+        }
+        if source_finished {
+            self.conn().resync = None;
+            self.send_state();
+            progress = true;
+        }
+        progress
+    }
+
+    // ----------------------------------------------------------------------------
+    // Primary: acks and flushes from the peer, timeouts.
+    // ----------------------------------------------------------------------------
+
+    fn peer_flush_acked(&mut self, seq: u64) {
+        let conn = self.conn();
+        if conn.flushes_sent.remove(&seq).is_none() {
+            self.drop_link(format!(
+                "protocol violation: FlushAck of unknown flush {seq}"
+            ));
+            return;
+        }
+        // Everything sent before the flush is durable on the peer.
+        conn.tlog.retain(|s, _| *s > seq);
+        let mut clean: Vec<meta::ByteRange> = Vec::new();
+        if let Some(resync) = conn.resync.as_mut() {
+            let done: Vec<u64> = resync.flushing.range(..=seq).map(|(s, _)| *s).collect();
+            for s in done {
+                for range in resync.flushing.remove(&s).expect("listed") {
+                    clean.push(meta_range(range));
+                }
+            }
+        }
+        if !clean.is_empty() {
+            self.meta.mark_clean(&clean);
+        }
+        self.sync_peer_done(Some(seq));
+    }
+
+    pub(super) fn check_peer_timeouts(&mut self) {
+        let Some(conn) = self.link.as_ref() else {
+            return;
+        };
+        let deadline = self.now_ms.saturating_sub(self.config.peer_timeout_ms);
+        let oldest_write = conn.awaiting.values().map(|(_, at)| *at).min();
+        let oldest_flush = conn.flushes_sent.values().copied().min();
+        let oldest_resync = conn
+            .resync
+            .as_ref()
+            .and_then(|r| r.sent.values().map(|(_, at)| *at).min());
+        let stalled = [oldest_write, oldest_flush, oldest_resync]
+            .into_iter()
+            .flatten()
+            .any(|at| at < deadline);
+        if stalled && !conn.dropping {
+            let timeout = self.config.peer_timeout_ms;
+            self.drop_link(format!(
+                "the peer did not answer within {timeout} ms: treating it as failed"
+            ));
+        }
+    }
+
+    // ----------------------------------------------------------------------------
+    // Secondary: applying the peer's writes.
+    // ----------------------------------------------------------------------------
+
+    fn receive(&mut self, seq: u64, range: ByteRange, kind: ApplyKind, data: Option<PeerDataId>) {
+        let epoch = self.conn().epoch;
+        if self.failed.is_some() {
+            if let Some(id) = data {
+                self.actions.push_back(Action::Release(DataRef::Peer(id)));
+            }
+            self.send(PeerMsg::Nack { seq, errno: 5 }, None);
+            return;
+        }
+        if kind == ApplyKind::Resync {
+            self.stats.resync_bytes_received += range.length();
+        }
+        self.conn().applying.insert(seq);
+        let id = self.next_internal();
+        let apply = Apply {
+            epoch,
+            seq,
+            range,
+            kind,
+            data,
+            tracked: false,
+            locked: false,
+            result: Ok(()),
+        };
+        self.applies.insert(id, apply);
+        // Locks are taken in arrival (= sequence) order, so overlapping writes apply in
+        // the order the primary sent them; non-overlapping ones in any order.
+        let locked = range.align_out(self.config.lock_alignment_bytes);
+        if self.locks.acquire(id, locked) == Acquire::Granted {
+            self.apply_locked(id);
+        }
+    }
+
+    /// A lock taken by an internal id (an apply or a resync read) was granted.
+    pub(super) fn internal_lock_granted(&mut self, id: u64) {
+        if self.applies.contains_key(&id) {
+            self.apply_locked(id);
+        } else if self.orphaned_resync_locks.remove(&id) {
+            self.release_lock(id);
+        } else {
+            self.resync_locked(id);
+        }
+    }
+
+    /// The apply holds its range: app writes go through the activity log first.
+    pub(super) fn apply_locked(&mut self, id: u64) {
+        let hold = self
+            .link
+            .as_ref()
+            .and_then(|c| c.target.as_ref())
+            .is_some_and(|t| !self.meta.superblock_durable(t.marking));
+        let apply = self.applies.get_mut(&id).expect("a live apply");
+        apply.locked = true;
+        if hold {
+            // Resync target not yet durably Inconsistent: hold everything.
+            self.held_applies.push_back(id);
+            return;
+        }
+        let range = apply.range;
+        match apply.kind {
+            ApplyKind::Resync => self.apply_admitted(id),
+            ApplyKind::Write { .. } | ApplyKind::Zeroes { .. } => {
+                apply.tracked = true;
+                match self.meta.handle_write_start(WriteId(id), meta_range(range)) {
+                    Gate::Submit => self.apply_admitted(id),
+                    Gate::Wait => {}
+                    Gate::Failed => {
+                        let apply = self.applies.get_mut(&id).expect("live");
+                        apply.tracked = false;
+                        apply.result = Err(Errno::Io);
+                        self.apply_finished(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The metadata engine admitted the apply (or it needs no admission): write it.
+    pub(super) fn apply_admitted(&mut self, id: u64) {
+        let apply = self.applies.get_mut(&id).expect("a live apply");
+        let range = apply.range;
+        let (op, data) = match apply.kind {
+            ApplyKind::Write { fua } => (
+                ClientOp::Write { range, fua },
+                apply.data.take().map(DataRef::Peer),
+            ),
+            ApplyKind::Resync => (
+                ClientOp::Write { range, fua: false },
+                apply.data.take().map(DataRef::Peer),
+            ),
+            ApplyKind::Zeroes { fua } => (
+                ClientOp::WriteZeroes {
+                    range,
+                    fua,
+                    no_hole: false,
+                    fast_zero: false,
+                },
+                None,
+            ),
+        };
+        self.issue(DiskPurpose::Apply(id), data, op);
+    }
+
+    pub(super) fn apply_disk_done(&mut self, id: u64, result: Result<(), Errno>) {
+        let apply = self.applies.get_mut(&id).expect("a live apply");
+        apply.result = result;
+        if apply.tracked {
+            self.meta.handle_write_done(WriteId(id), false);
+        }
+        self.apply_finished(id);
+    }
+
+    /// Answers the peer, releases the range, and lets waiting flushes proceed.
+    fn apply_finished(&mut self, id: u64) {
+        let apply = self.applies.remove(&id).expect("a live apply");
+        if let Some(data) = apply.data {
+            self.actions.push_back(Action::Release(DataRef::Peer(data)));
+        }
+        if apply.locked {
+            self.release_lock(id);
+        }
+        self.stats.applied_writes += 1;
+        let same_link = self.link.as_ref().is_some_and(|c| c.epoch == apply.epoch);
+        if !same_link {
+            return;
+        }
+        let seq = apply.seq;
+        match (apply.kind, apply.result) {
+            (ApplyKind::Resync, Ok(())) => self.send(PeerMsg::ResyncAck { seq }, None),
+            (_, Ok(())) => self.send(PeerMsg::Ack { seq }, None),
+            (_, Err(errno)) => self.send(
+                PeerMsg::Nack {
+                    seq,
+                    errno: errno.wire(),
+                },
+                None,
+            ),
+        }
+        let conn = self.conn();
+        conn.applying.remove(&seq);
+        if apply.tracked && apply.result.is_ok() {
+            conn.applied_unflushed.push(id);
+        }
+        self.run_peer_flushes();
+    }
+
+    /// Starts the local flush for every peer FLUSH whose lower sequences all completed.
+    fn run_peer_flushes(&mut self) {
+        loop {
+            let conn = self.conn();
+            let Some(&seq) = conn.flushes_waiting.front() else {
+                return;
+            };
+            if conn.applying.range(..seq).next().is_some() {
+                return;
+            }
+            conn.flushes_waiting.pop_front();
+            let covers = std::mem::take(&mut conn.applied_unflushed);
+            conn.flush_covers.insert(seq, covers);
+            self.issue(DiskPurpose::PeerFlush(seq), None, ClientOp::Flush);
+        }
+    }
+
+    pub(super) fn peer_flush_done(&mut self, seq: u64, result: Result<(), Errno>) {
+        let covers = self
+            .link
+            .as_mut()
+            .and_then(|c| c.flush_covers.remove(&seq))
+            .unwrap_or_default();
+        match result {
+            Ok(()) => {
+                for id in covers {
+                    self.meta.handle_write_durable(WriteId(id));
+                }
+                self.send(PeerMsg::FlushAck { seq }, None);
+            }
+            Err(errno) => {
+                self.fail_with(format!(
+                    "flush for the peer failed ({errno:?}): the disk is failed"
+                ));
+                self.drop_link("local disk failed".into());
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------------------
+    // Resync, source side.
+    // ----------------------------------------------------------------------------
+
+    /// Starts resync reads within the pacing limits; finishes the resync when nothing
+    /// is left. Returns whether anything happened.
+    pub(super) fn resync_step(&mut self) -> bool {
+        let client_busy = !self.requests.is_empty();
+        let now = self.now_ms;
+        let rate = self.config.resync_rate_bytes_per_s;
+        let granularity = u64::from(self.meta.layout().granularity_bytes);
+        let region_count = self.meta.layout().region_count();
+        let data_bytes = self.meta.layout().data_bytes;
+        let Some(conn) = self.link.as_mut().filter(|c| c.is_replicating()) else {
+            return false;
+        };
+        let Some(resync) = conn.resync.as_mut() else {
+            return false;
+        };
+        if resync.paused || resync.finishing.is_some() {
+            return false;
+        }
+        if rate > 0 {
+            let elapsed = now.saturating_sub(resync.tokens_ms);
+            resync.tokens_bytes =
+                (resync.tokens_bytes + rate * elapsed / 1000).min(rate.max(RESYNC_CHUNK_BYTES));
+            resync.tokens_ms = now;
+        }
+        let limit = if client_busy {
+            RESYNC_IN_FLIGHT_BUSY
+        } else {
+            RESYNC_IN_FLIGHT_IDLE
+        };
+        let mut progress = false;
+        let bitmap = self.meta.dirty_bitmap();
+        let mut starts: Vec<ByteRange> = Vec::new();
+        while resync.ops.len() + resync.sent.len() + starts.len() < limit
+            && resync.cursor < region_count
+        {
+            if rate > 0 && resync.tokens_bytes < RESYNC_CHUNK_BYTES.min(granularity) {
+                break;
+            }
+            let Some(first) = bitmap.range(resync.cursor as u32..).next().map(u64::from) else {
+                resync.cursor = region_count;
+                break;
+            };
+            let max_regions = (RESYNC_CHUNK_BYTES / granularity).max(1);
+            let mut end = first + 1;
+            while end < region_count && end - first < max_regions && bitmap.contains(end as u32) {
+                end += 1;
+            }
+            resync.cursor = end;
+            let offset = first * granularity;
+            let range = ByteRange::new(offset, (end * granularity).min(data_bytes) - offset)
+                .expect("non-empty run");
+            if rate > 0 {
+                resync.tokens_bytes = resync.tokens_bytes.saturating_sub(range.length());
+            }
+            starts.push(range);
+        }
+        for range in starts {
+            progress = true;
+            let key = self.next_internal();
+            let resync = self
+                .link
+                .as_mut()
+                .and_then(|c| c.resync.as_mut())
+                .expect("checked above");
+            resync.ops.insert(
+                key,
+                ResyncOp {
+                    range,
+                    phase: ResyncOpPhase::Locking,
+                },
+            );
+            let locked = range.align_out(self.config.lock_alignment_bytes);
+            if self.locks.acquire(key, locked) == Acquire::Granted {
+                self.resync_locked(key);
+            }
+        }
+        progress | self.maybe_finish_resync()
+    }
+
+    /// The resync op holds its range (no client write to it is in flight): read it.
+    fn resync_locked(&mut self, key: u64) {
+        let op = self
+            .link
+            .as_mut()
+            .and_then(|c| c.resync.as_mut())
+            .and_then(|r| r.ops.get_mut(&key))
+            .expect("a lock granted to a live resync op");
+        op.phase = ResyncOpPhase::Reading;
+        let range = op.range;
+        self.issue(
+            DiskPurpose::ResyncRead(key),
+            Some(DataRef::Resync(ResyncBufId(key))),
+            ClientOp::Read { range },
+        );
+    }
+
+    /// Read done: send it (the lock is released only after the send is queued, so a
+    /// client write to this range is sent after it and applies after it).
+    pub(super) fn resync_read_done(&mut self, key: u64, result: Result<(), Errno>) {
+        let buf = DataRef::Resync(ResyncBufId(key));
+        let op = self
+            .link
+            .as_mut()
+            .and_then(|c| c.resync.as_mut())
+            .and_then(|r| r.ops.remove(&key));
+        let Some(op) = op else {
+            // The connection that wanted it is gone.
+            self.orphaned_resync_reads.remove(&key);
+            self.actions.push_back(Action::Release(buf));
+            self.release_lock(key);
+            return;
+        };
+        if let Err(errno) = result {
+            self.actions.push_back(Action::Release(buf));
+            self.release_lock(key);
+            self.fail_with(format!(
+                "resync read failed ({errno:?}): the disk is failed"
+            ));
+            self.drop_link("local disk failed during resync".into());
+            return;
+        }
+        let now = self.now_ms;
+        let conn = self.conn();
+        let seq = conn.take_seq();
+        conn.resync
+            .as_mut()
+            .expect("live")
+            .sent
+            .insert(seq, (op.range, now));
+        self.stats.resync_bytes_sent += op.range.length();
+        self.send(
+            PeerMsg::ResyncData {
+                seq,
+                range: op.range,
+            },
+            Some(buf),
+        );
+        self.release_lock(key);
+    }
+
+    fn resync_acked(&mut self, seq: u64) {
+        let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) else {
+            self.drop_link(format!(
+                "protocol violation: ResyncAck {seq} without a resync"
+            ));
+            return;
+        };
+        match resync.sent.remove(&seq) {
+            Some((range, _)) => {
+                resync.done_bytes += range.length();
+                resync.acked.push(range);
+            }
+            None => self.drop_link(format!(
+                "protocol violation: ResyncAck of unknown seq {seq}"
+            )),
+        }
+    }
+
+    /// At the end of a pass: flush what is acknowledged, start another pass if bits
+    /// remain, or finish.
+    fn maybe_finish_resync(&mut self) -> bool {
+        let sync_idle = self.sync.is_none();
+        let bitmap_empty = self.meta.dirty_bitmap().is_empty();
+        let region_count = self.meta.layout().region_count();
+        let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) else {
+            return false;
+        };
+        if resync.cursor < region_count
+            || !resync.ops.is_empty()
+            || !resync.sent.is_empty()
+            || resync.finishing.is_some()
+        {
+            return false;
+        }
+        if !resync.acked.is_empty() || !resync.flushing.is_empty() {
+            if sync_idle && !resync.acked.is_empty() {
+                self.maybe_start_sync(false);
+                return true;
+            }
+            return false;
+        }
+        if !bitmap_empty {
+            // Cleared bits are gone; what remains was dirtied again or failed: go again.
+            resync.cursor = 0;
+            return true;
+        }
+        let ticket = self.meta.update_superblock(|s| {
+            s.generations.resync_finished();
+            s.flags.remove(Flags::RESYNC_IN_PROGRESS);
+            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
+            s.flags.remove(Flags::CRASHED_PRIMARY);
+        });
+        self.conn().resync.as_mut().expect("live").finishing = Some(ticket);
+        true
+    }
+
+    /// Operator: copy everything from this node to the peer (`rebuild --full --from
+    /// here`). This node declares its data authoritative: a new generation, with the
+    /// peer's current one as the bitmap generation, so the peer's rules see it behind.
+    pub fn start_full_sync(&mut self, random: u64) -> Result<(), String> {
+        let Some(conn) = self.link.as_ref().filter(|c| !c.dropping) else {
+            return Err("the peer is not connected".into());
+        };
+        if conn.phase == ConnPhase::Exchanging {
+            return Err("the connection is still being set up; try again".into());
+        }
+        if conn.resync.is_some() || conn.target.is_some() {
+            return Err("a resync is already running".into());
+        }
+        if conn.peer.role == Role::Primary {
+            return Err(
+                "the peer is active (Primary): a full copy would overwrite its data".into(),
+            );
+        }
+        let peer_current = conn.peer.generations.current;
+        self.meta.update_superblock(|s| {
+            s.generations.new_current(random);
+            s.generations.bitmap = peer_current;
+            s.disk_state = DiskState::UpToDate;
+            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
+        });
+        self.disk_state = DiskState::UpToDate;
+        self.start_source(true, RoaringBitmap::new());
+        self.pump();
+        Ok(())
+    }
+
+    /// Operator: pause or resume a running resync (this node is its source).
+    pub fn set_resync_paused(&mut self, paused: bool) -> Result<(), String> {
+        match self.link.as_mut().and_then(|c| c.resync.as_mut()) {
+            Some(resync) => {
+                resync.paused = paused;
+                self.pump();
+                Ok(())
+            }
+            None => Err("no resync is running with this node as its source".into()),
+        }
+    }
+}
+
+/// Maximal runs `[start, end)` of set bits.
+fn runs(bits: &RoaringBitmap) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut iter = bits.iter().map(u64::from).peekable();
+    std::iter::from_fn(move || {
+        let start = iter.next()?;
+        let mut end = start + 1;
+        while iter.peek() == Some(&end) {
+            iter.next();
+            end += 1;
+        }
+        Some((start, end))
+    })
+}
+
+/// Status of the connection, for `mirrorctl status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    pub state: &'static str,
+    pub epoch: u64,
+    pub transfer_log_writes: u64,
+    pub awaiting_acks: u64,
+    pub resync: Option<ResyncStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResyncStatus {
+    pub role: &'static str,
+    pub full: bool,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub paused: bool,
+    pub elapsed_ms: u64,
+}
+
+impl Engine {
+    pub(super) fn link_status(&self) -> Option<LinkStatus> {
+        let conn = self.link.as_ref()?;
+        let state = match (conn.phase, conn.dropping) {
+            (_, true) => "disconnecting",
+            (ConnPhase::Exchanging, _) => "connecting",
+            (ConnPhase::WaitingForOperator, _) => "waiting-for-operator",
+            (ConnPhase::Replicating, _) if conn.resync.is_some() => "sync-source",
+            (ConnPhase::Replicating, _) if conn.target.is_some() => "sync-target",
+            (ConnPhase::Replicating, _) => "connected",
+        };
+        let resync = if let Some(r) = &conn.resync {
+            Some(ResyncStatus {
+                role: "source",
+                full: r.full,
+                total_bytes: r.total_bytes,
+                done_bytes: r.done_bytes,
+                paused: r.paused,
+                elapsed_ms: self.now_ms.saturating_sub(r.started_ms),
+            })
+        } else {
+            conn.target.as_ref().map(|_| ResyncStatus {
+                role: "target",
+                full: false,
+                total_bytes: 0,
+                done_bytes: self.stats.resync_bytes_received,
+                paused: false,
+                elapsed_ms: 0,
+            })
+        };
+        Some(LinkStatus {
+            state,
+            epoch: conn.epoch,
+            transfer_log_writes: conn.tlog.len() as u64,
+            awaiting_acks: conn.awaiting.len() as u64,
+            resync,
+        })
+    }
+}
