@@ -126,6 +126,8 @@ pub(super) struct Request {
     pub(super) ackable: bool,
     /// Sent to the peer and not yet acknowledged by it.
     pub(super) peer_seq: Option<u64>,
+    /// Passed to the metadata engine (`handle_write_start`) already.
+    pub(super) meta_started: bool,
     pub(super) error: Option<Errno>,
 }
 
@@ -187,8 +189,10 @@ pub struct Engine {
     pub(super) link: Option<Conn>,
     /// The last connection epoch seen; the next handshake proposes one more.
     pub(super) last_epoch: u64,
-    /// A new current generation not yet durable: no write is admitted or answered.
+    /// A new current generation not yet durable: no write is submitted or answered.
     pub(super) generation_hold: Option<SuperblockTicket>,
+    /// Writes the metadata engine admitted while the generation hold was on.
+    pub(super) held_ready: Vec<ReqId>,
     /// The last state the peer told us, and when.
     pub(super) peer_last: Option<(NodeState, u64)>,
     /// Why the last connection could not replicate (split brain, unrelated disks ...).
@@ -245,6 +249,7 @@ impl Engine {
             link: None,
             last_epoch: 0,
             generation_hold: None,
+            held_ready: Vec::new(),
             peer_last: None,
             connect_problem: None,
             role_change: None,
@@ -378,6 +383,7 @@ impl Engine {
             local_done: false,
             ackable: false,
             peer_seq: None,
+            meta_started: false,
             error: None,
         };
         self.requests.insert(id, request);
@@ -398,6 +404,8 @@ impl Engine {
                 self.stats.writes += 1;
                 if self.failed.is_some() {
                     self.reply(id, Err(Errno::Io));
+                } else if let Some(errno) = self.refuse_zeroing(&op) {
+                    self.reply(id, Err(errno));
                 } else {
                     let locked = range.align_out(self.config.lock_alignment_bytes);
                     self.requests.get_mut(&id).expect("just inserted").phase = Phase::Locking;
@@ -409,6 +417,24 @@ impl Engine {
         }
         self.pump();
         id
+    }
+
+    /// Zeroing requests both replicas could not carry out identically are refused
+    /// before either side acts: FAST_ZERO while a peer is connected (its backing may
+    /// not be fast: the spec's answer is ENOTSUP), and ranges not aligned to the
+    /// logical block (a block device cannot zero part of a block; the spec lets us
+    /// refuse requests that ignore the advertised minimum block size).
+    fn refuse_zeroing(&self, op: &ClientOp) -> Option<Errno> {
+        let ClientOp::WriteZeroes {
+            range, fast_zero, ..
+        } = *op
+        else {
+            return None;
+        };
+        if !range.is_aligned(self.config.lock_alignment_bytes) {
+            return Some(Errno::Inval);
+        }
+        (fast_zero && self.link.is_some()).then_some(Errno::NotSup)
     }
 
     /// A local disk operation finished (`Err` carries the errno as the client sees it).
@@ -445,6 +471,14 @@ impl Engine {
                 let everywhere = fua && result.is_ok() && self.link.is_none();
                 self.meta.handle_write_done(WriteId(req.0), everywhere);
                 self.maybe_complete(req);
+                if let Err(errno) = result {
+                    // The peer may hold this write and we do not: the replicas would
+                    // differ where no journal says so unless this disk stops here (DRBD
+                    // detaches on a local write error for the same reason).
+                    self.fail_with(format!(
+                        "local write failed ({errno:?}): the disk is failed"
+                    ));
+                }
             }
         }
     }
@@ -507,7 +541,11 @@ impl Engine {
     }
 
     fn admit(&mut self, req: ReqId) {
-        let request = self.requests.get(&req).expect("admitting a live request");
+        let request = self
+            .requests
+            .get_mut(&req)
+            .expect("admitting a live request");
+        request.meta_started = true;
         let (range, _) = request.op.modification().expect("only writes are gated");
         match self
             .meta
@@ -522,13 +560,23 @@ impl Engine {
         }
     }
 
-    /// A new generation became durable: admit every write that waited for it.
+    /// A new generation became durable: submit what the metadata engine admitted
+    /// meanwhile, admit every write that waited for it, answer what is complete.
     pub(super) fn release_generation_hold(&mut self) {
         self.generation_hold = None;
+        for req in std::mem::take(&mut self.held_ready) {
+            if self
+                .requests
+                .get(&req)
+                .is_some_and(|r| r.phase == Phase::Gating)
+            {
+                self.submit_write(req);
+            }
+        }
         let mut waiting: Vec<ReqId> = self
             .requests
             .iter()
-            .filter(|(_, r)| r.phase == Phase::Gating && r.locked)
+            .filter(|(_, r)| r.phase == Phase::Gating && r.locked && !r.meta_started)
             .map(|(id, _)| *id)
             .collect();
         waiting.sort();
@@ -782,7 +830,11 @@ impl Engine {
                     .get(&req)
                     .is_some_and(|r| r.phase == Phase::Gating)
                 {
-                    self.submit_write(req);
+                    if self.generation_hold.is_some() {
+                        self.held_ready.push(req);
+                    } else {
+                        self.submit_write(req);
+                    }
                 }
             }
             while let Some(id) = self.meta.poll_ackable() {

@@ -9,6 +9,7 @@
 //! `mirrordisk serve` on a device with a CLUSTER partition (no peer) and the node agent.
 
 pub mod engine;
+pub mod generations;
 pub mod peer;
 pub mod types;
 

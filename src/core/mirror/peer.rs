@@ -299,6 +299,13 @@ impl Engine {
 
     /// Sends the peer half of a sync point; returns its sequence number.
     pub(super) fn send_peer_flush(&mut self) -> Option<u64> {
+        // Only the side that sends sequenced data (the primary, or a resync source)
+        // has anything for the peer to flush.
+        let sends_data =
+            self.role() == Role::Primary || self.link.as_ref().is_some_and(|c| c.resync.is_some());
+        if !sends_data {
+            return None;
+        }
         self.link_replicating_peer()?;
         let now = self.now_ms;
         let conn = self.conn();
@@ -375,6 +382,13 @@ impl Engine {
             let unacked: Vec<meta::ByteRange> =
                 conn.tlog.values().map(|r| meta_range(*r)).collect();
             self.meta.set_mode(Mode::Broken, &unacked);
+            // The metadata engine re-yields every tracked write once its bits (and the
+            // transfer log's) are durable; an earlier "ackable" no longer counts.
+            for request in self.requests.values_mut() {
+                if request.op.modification().is_some() {
+                    request.ackable = false;
+                }
+            }
             if was_replicating {
                 // The writes in flight are ones the peer may not hold: a new current
                 // generation, durable before anything more is submitted or answered.
@@ -394,6 +408,24 @@ impl Engine {
     fn link_lost_cleanup(&mut self, conn: Conn) {
         for (_, (req, _)) in conn.awaiting {
             self.peer_write_settled(req, None);
+        }
+        // Applied writes waiting for a peer FLUSH: the engine's own sync points make them
+        // durable now, so their activity-log extents can still go cold.
+        let unflushed = conn
+            .applied_unflushed
+            .into_iter()
+            .chain(conn.flush_covers.into_values().flatten());
+        self.unsynced.extend(unflushed.map(WriteId));
+        // Applies held for a resync-target marking were never applied: drop them (the
+        // source keeps those regions dirty; the primary's transfer log marks its writes).
+        for id in std::mem::take(&mut self.held_applies) {
+            let apply = self.applies.remove(&id).expect("a held apply is live");
+            if let Some(data) = apply.data {
+                self.actions.push_back(Action::Release(DataRef::Peer(data)));
+            }
+            if apply.locked {
+                self.release_lock(id);
+            }
         }
         self.sync_peer_done(None);
         if let Some(resync) = conn.resync {
@@ -918,6 +950,10 @@ impl Engine {
         self.stats.applied_writes += 1;
         let same_link = self.link.as_ref().is_some_and(|c| c.epoch == apply.epoch);
         if !same_link {
+            // Nobody will FLUSH for it on that connection: our own sync point will.
+            if apply.tracked && apply.result.is_ok() {
+                self.unsynced.push(WriteId(id));
+            }
             return;
         }
         let seq = apply.seq;
