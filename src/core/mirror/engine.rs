@@ -259,6 +259,9 @@ impl Engine {
             orphaned_resync_locks: BTreeSet::new(),
         };
         if on_disk.role == Role::Primary {
+            // Went down while active: come back inactive; CRASHED_PRIMARY (set while
+            // Primary) stays, so the generation rules know its activity log may hold
+            // writes the peer lacks.
             engine.meta.update_superblock(|s| {
                 s.role = Role::Secondary;
                 s.flags.insert(Flags::CRASHED_PRIMARY);
@@ -304,10 +307,7 @@ impl Engine {
     /// What this node tells the peer in the handshake and in State messages.
     pub fn node_state(&self) -> NodeState {
         let state = self.meta.superblock().state;
-        let mut flags = state.flags;
-        if self.link.as_ref().is_some_and(|c| c.is_resync_source()) {
-            flags.insert(Flags::RESYNC_IN_PROGRESS);
-        }
+        let flags = state.flags;
         NodeState {
             generations: state.generations,
             disk_state: self.disk_state,
@@ -947,13 +947,14 @@ impl Engine {
         } else if self.disk_state == DiskState::Inconsistent {
             return Err("the disk is Inconsistent (a resync target that did not finish): refusing even forced activation".into());
         }
+        // WAS_PRIMARY and CRASHED_PRIMARY are "set while Primary": a node that goes
+        // down without deactivating comes back with them (generation rule 40/41).
         let ticket = self.meta.update_superblock(|s| {
             s.role = Role::Primary;
             s.flags.insert(Flags::WAS_PRIMARY);
-            s.flags.remove(Flags::CRASHED_PRIMARY);
+            s.flags.insert(Flags::CRASHED_PRIMARY);
             if forced && !connected {
-                s.flags.insert(Flags::FORCED);
-                s.generations.new_current(random);
+                super::generations::forced_permit(&mut s.generations, &mut s.flags, random);
                 s.disk_state = DiskState::UpToDate;
             }
         });
@@ -989,7 +990,12 @@ impl Engine {
     /// Once no sync point is outstanding, the new role is written.
     pub(super) fn finish_deactivate_if_synced(&mut self) {
         if self.role_change == Some(RoleChange::Deactivate(None)) && self.sync.is_none() {
-            let ticket = self.meta.update_superblock(|s| s.role = Role::Secondary);
+            // A clean demotion: the marks that only hold while Primary go.
+            let ticket = self.meta.update_superblock(|s| {
+                s.role = Role::Secondary;
+                s.flags.remove(Flags::WAS_PRIMARY);
+                s.flags.remove(Flags::CRASHED_PRIMARY);
+            });
             self.role_change = Some(RoleChange::Deactivate(Some(ticket)));
             self.pump();
         }

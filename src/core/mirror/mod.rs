@@ -14,7 +14,8 @@ pub mod peer;
 pub mod types;
 
 pub use engine::{Engine, EngineConfig, EngineStats, EngineStatus, PeerStatus};
-pub use peer::{Decision, LinkStatus, ResyncStatus, decide};
+pub use generations::{Decision, decide};
+pub use peer::{LinkStatus, ResyncStatus};
 pub use types::{
     Action, ClientOp, DataRef, DiskOp, DiskOpId, PeerDataId, PeerMsg, ReqId, ResyncBufId,
 };

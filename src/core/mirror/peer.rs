@@ -11,15 +11,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use roaring::RoaringBitmap;
 
-use crate::core::meta::generation::{GENERATION_JUST_CREATED, GENERATION_NONE};
-use crate::core::meta::{
-    self, DiskState, Flags, Gate, Generations, Mode, Role, SuperblockTicket, WriteId,
-};
+use crate::core::meta::journal::Ticket;
+use crate::core::meta::{self, DiskState, Flags, Gate, Mode, Role, SuperblockTicket, WriteId};
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::{Acquire, ByteRange};
 use crate::core::repl::wire::NodeState;
 
 use super::engine::{DiskPurpose, Engine};
+use super::generations::{self, Decision, NodeView, Outcome, Resync, Side};
 use super::types::{Action, ClientOp, DataRef, PeerDataId, PeerMsg, ReqId, ResyncBufId};
 
 /// Bytes of serialized bitmap per BitmapChunk frame (the wire allows up to 1 MiB).
@@ -36,60 +35,6 @@ pub const RESYNC_IN_FLIGHT_IDLE: usize = 16;
 /// Resync requests in flight while client requests are in flight: the application
 /// keeps most of the bandwidth and the resync still progresses.
 pub const RESYNC_IN_FLIGHT_BUSY: usize = 2;
-
-/// What the generation rules decided for a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Same data generation: only regions either side marked dirty differ.
-    InSync,
-    /// We are ahead: we copy to the peer (full = every region).
-    SyncSource { full: bool },
-    /// The peer is ahead: it copies to us.
-    SyncTarget { full: bool },
-    /// Both disks are new: the operator picks the source (`rebuild --full --from`).
-    BothJustCreated,
-    /// Both sides wrote after parting: nothing moves until the operator resolves it.
-    SplitBrain,
-    /// No common history: these disks are not a mirror pair.
-    Unrelated,
-}
-
-/// The generation rules, in DRBD's order (see `docs/replication-protocol.md`).
-pub fn decide(ours: &Generations, peer: &Generations) -> Decision {
-    let just = GENERATION_JUST_CREATED;
-    if ours.current == just && peer.current == just {
-        return Decision::BothJustCreated;
-    }
-    if ours.current == just {
-        return Decision::SyncTarget { full: true };
-    }
-    if peer.current == just {
-        return Decision::SyncSource { full: true };
-    }
-    if ours.current == peer.current {
-        return Decision::InSync;
-    }
-    if ours.bitmap != 0 && ours.bitmap == peer.current {
-        return Decision::SyncSource { full: false };
-    }
-    if peer.bitmap != 0 && peer.bitmap == ours.current {
-        return Decision::SyncTarget { full: false };
-    }
-    if ours.bitmap != 0 && ours.bitmap == peer.bitmap {
-        return Decision::SplitBrain;
-    }
-    if ours.history.contains(&peer.current)
-        || (ours.bitmap != 0 && ours.history.contains(&peer.bitmap))
-    {
-        return Decision::SyncSource { full: true };
-    }
-    if peer.history.contains(&ours.current)
-        || (peer.bitmap != 0 && peer.history.contains(&ours.bitmap))
-    {
-        return Decision::SyncTarget { full: true };
-    }
-    Decision::Unrelated
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ConnPhase {
@@ -157,10 +102,6 @@ impl Conn {
         self.phase == ConnPhase::Replicating && !self.dropping
     }
 
-    pub(super) fn is_resync_source(&self) -> bool {
-        self.resync.is_some()
-    }
-
     /// Something is waiting for a peer flush (transfer log or acked resync data).
     pub(super) fn wants_flush(&self) -> bool {
         self.is_replicating()
@@ -174,13 +115,39 @@ impl Conn {
     }
 }
 
+/// Where the target side of a resync is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TargetStage {
+    /// The rules say the peer copies to us; waiting for its sync generation (State).
+    AwaitingStart,
+    /// Durably adopting the sync generation as Inconsistent.
+    Marking(SuperblockTicket),
+    /// Applying resync data.
+    Applying,
+    /// Durably taking the source's generations (after ResyncDone).
+    Finishing(SuperblockTicket),
+}
+
 /// Target side of a resync.
 #[derive(Debug)]
 struct TargetState {
-    /// Superblock marking us Inconsistent: no resync data is applied before it is durable.
-    marking: SuperblockTicket,
-    /// Completion: the superblock taking the source's generation.
-    finishing: Option<SuperblockTicket>,
+    full: bool,
+    stage: TargetStage,
+}
+
+/// Where the source side of a resync is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceStage {
+    /// The peer's dirty regions (or every region) are being made durable in our journal.
+    MarkingDirty(Ticket),
+    /// The sync generation is being made durable.
+    Starting(SuperblockTicket),
+    /// Walking the bitmap.
+    Walking,
+    /// ResyncDone sent: waiting for the target to record its finish (its State).
+    DoneSent,
+    /// Recording our finish.
+    Finishing(SuperblockTicket),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,7 +182,7 @@ pub(super) struct ResyncSource {
     started_ms: u64,
     tokens_bytes: u64,
     tokens_ms: u64,
-    finishing: Option<SuperblockTicket>,
+    stage: SourceStage,
 }
 
 /// A write received from the peer, from arrival to its ack.
@@ -334,8 +301,7 @@ impl Engine {
         self.last_epoch = self.last_epoch.max(epoch);
         self.peer_last = Some((peer, self.now_ms));
         self.connect_problem = None;
-        let ours = self.generations();
-        let decision = decide(&ours, &peer.generations);
+        let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
         self.link = Some(Conn::new(epoch, peer, decision));
         if self.role() == Role::Primary && peer.role == Role::Primary {
             self.connect_problem =
@@ -483,6 +449,7 @@ impl Engine {
             }
             PeerMsg::FlushAck { seq } => self.peer_flush_acked(seq),
             PeerMsg::ResyncAck { seq } => self.resync_acked(seq),
+            PeerMsg::ResyncDone { .. } => self.finish_target(),
             PeerMsg::BitmapChunk {
                 offset,
                 bytes,
@@ -515,12 +482,34 @@ impl Engine {
         }
     }
 
+    /// This node as the generation rules see it.
+    fn local_view(&self) -> NodeView {
+        let sb = self.meta.superblock();
+        NodeView {
+            node_id: sb.identity.node_id,
+            generations: sb.state.generations,
+            flags: sb.state.flags,
+            role: sb.state.role,
+            dirty: !self.meta.dirty_bitmap().is_empty(),
+        }
+    }
+
+    /// The peer as the generation rules see it, from its last State.
+    fn peer_view(&self, peer: &NodeState) -> NodeView {
+        NodeView {
+            node_id: self.meta.superblock().identity.peer_node_id,
+            generations: peer.generations,
+            flags: peer.flags,
+            role: peer.role,
+            dirty: peer.dirty_bytes > 0,
+        }
+    }
+
     /// Both bitmaps are known: act on the generation rules.
     fn exchange_done(&mut self) {
         let conn = self.conn();
         let bytes = std::mem::take(&mut conn.peer_bitmap);
         let decision = conn.decision;
-        let peer = conn.peer;
         let region_count = self.meta.layout().region_count();
         let peer_bits = match RoaringBitmap::deserialize_from(&bytes[..]) {
             Ok(bits) if bits.max().is_none_or(|m| u64::from(m) < region_count) => bits,
@@ -529,67 +518,46 @@ impl Engine {
                 return;
             }
         };
-        match decision {
-            Decision::Unrelated => {
-                self.connect_problem = Some(
-                    "the disks are unrelated (no common generation): refusing to replicate".into(),
-                );
-                self.drop_link("unrelated disks".into());
-            }
-            Decision::SplitBrain => {
-                self.connect_problem = Some(
-                    "split brain: both sides wrote after parting; resolve with `mirrorctl resolve`"
-                        .into(),
-                );
-                self.drop_link("split brain detected".into());
-            }
-            Decision::BothJustCreated => {
-                self.conn().phase = ConnPhase::WaitingForOperator;
-                self.connect_problem = Some("both disks are new: choose the source with `mirrorctl rebuild --full --from NODE`".into());
-            }
-            Decision::InSync => {
-                let ours_dirty = !self.meta.dirty_bitmap().is_empty();
-                if !ours_dirty && peer_bits.is_empty() {
-                    self.start_replicating();
-                } else if self.should_source_in_sync(&peer) {
-                    self.start_source(false, peer_bits);
-                } else {
-                    self.start_target(false);
-                }
-            }
-            Decision::SyncSource { full } => self.start_source(full, peer_bits),
-            Decision::SyncTarget { full } => {
-                if self.role() == Role::Primary {
-                    self.connect_problem = Some(
-                        "the active node's data is older than its peer's: refusing to replicate"
-                            .into(),
-                    );
-                    self.drop_link("active node is behind".into());
-                } else {
-                    self.start_target(full);
-                }
-            }
-        }
+        self.act_on(decision, peer_bits);
     }
 
-    /// Same generation with dirty regions (a crash): the active node, or else the one
-    /// that crashed while primary (its activity log may hold writes the other lacks),
-    /// or else the lower node id, copies to the other.
-    fn should_source_in_sync(&self, peer: &NodeState) -> bool {
-        if self.role() != peer.role {
-            return self.role() == Role::Primary;
+    /// Carries out a decision of the generation rules.
+    fn act_on(&mut self, decision: Decision, peer_bits: RoaringBitmap) {
+        self.conn().decision = decision;
+        match decision.resync() {
+            Some(Resync {
+                from: Side::Local,
+                full,
+            }) => return self.start_source(full, peer_bits),
+            Some(Resync {
+                from: Side::Peer,
+                full,
+            }) => return self.start_target(full),
+            None => {}
         }
-        let ours = self
-            .meta
-            .superblock()
-            .state
-            .flags
-            .contains(Flags::CRASHED_PRIMARY);
-        let theirs = peer.flags.contains(Flags::CRASHED_PRIMARY);
-        if ours != theirs {
-            return ours;
+        match decision.outcome {
+            Outcome::InSync { .. } => {
+                // Same data, nothing to copy: stale marks (forced, full-sync ...) go.
+                let role = self.role();
+                let flags = self.meta.superblock().state.flags;
+                let mut settled = flags;
+                generations::settle_flags(&mut settled, role);
+                if settled != flags {
+                    self.meta.update_superblock(|s| s.flags = settled);
+                }
+                self.start_replicating();
+            }
+            Outcome::BothJustCreated => {
+                self.conn().phase = ConnPhase::WaitingForOperator;
+                self.connect_problem = Some(format!(
+                    "{decision}: choose the source with `mirrorctl rebuild --full --from NODE`"
+                ));
+            }
+            _ => {
+                self.connect_problem = Some(format!("refusing to replicate: {decision}"));
+                self.drop_link(decision.to_string());
+            }
         }
-        self.meta.superblock().identity.node_id < self.meta.superblock().identity.peer_node_id
     }
 
     fn start_replicating(&mut self) {
@@ -605,8 +573,10 @@ impl Engine {
         self.send_state();
     }
 
-    /// We copy to the peer: its dirty regions join ours in our journal (so a crash does
-    /// not forget them), writes replicate from now on, and the resync walks the union.
+    /// We copy to the peer. Its dirty regions (or every region, for a full copy) join
+    /// ours in our journal — durably, before the resync starts, so the set survives a
+    /// crash of either side — then the sync generation is made durable and announced,
+    /// then the bitmap is walked. Client writes replicate from this moment.
     fn start_source(&mut self, full: bool, peer_bits: RoaringBitmap) {
         let layout = *self.meta.layout();
         let granularity = u64::from(layout.granularity_bytes);
@@ -623,8 +593,7 @@ impl Engine {
                 })
                 .collect()
         };
-        self.meta.mark_dirty(&ranges);
-        let total_bytes = meta::engine::dirty_bytes(self.meta.dirty_bitmap(), &layout);
+        let marked = self.meta.mark_dirty(&ranges);
         self.conn().phase = ConnPhase::Replicating;
         self.connect_problem = None;
         self.meta.set_mode(Mode::Connected, &[]);
@@ -639,36 +608,64 @@ impl Engine {
             sent: BTreeMap::new(),
             acked: Vec::new(),
             flushing: BTreeMap::new(),
-            total_bytes,
+            total_bytes: 0,
             done_bytes: 0,
             paused: false,
             started_ms: now,
             tokens_bytes: RESYNC_CHUNK_BYTES,
             tokens_ms: now,
-            finishing: None,
+            stage: SourceStage::MarkingDirty(marked),
         });
-        self.send_state();
     }
 
-    /// The peer copies to us: we are Inconsistent (durably) until it is done.
+    /// The peer copies to us: wait for its sync generation, then become durably
+    /// Inconsistent before applying anything (`TargetStage`).
     fn start_target(&mut self, full: bool) {
-        let marking = self.meta.update_superblock(|s| {
-            s.disk_state = DiskState::Inconsistent;
-            s.flags.insert(Flags::RESYNC_IN_PROGRESS);
-            if full {
-                s.flags.insert(Flags::FULL_SYNC_REQUIRED);
-            }
-        });
-        self.disk_state = DiskState::Inconsistent;
         let conn = self.conn();
         conn.phase = ConnPhase::Replicating;
         conn.target = Some(TargetState {
-            marking,
-            finishing: None,
+            full,
+            stage: TargetStage::AwaitingStart,
         });
         self.connect_problem = None;
         self.meta.set_mode(Mode::Connected, &[]);
+        self.disk_state = DiskState::Inconsistent;
         self.send_state();
+        // The source may already have announced its sync generation.
+        let peer = self.conn().peer;
+        self.maybe_adopt_sync_generation(&peer);
+    }
+
+    /// Target: the source's State names a new sync generation (its bitmap generation,
+    /// not yet ours): adopt it, durably, as an Inconsistent disk.
+    fn maybe_adopt_sync_generation(&mut self, source: &NodeState) {
+        let Some(target) = self.link.as_ref().and_then(|c| c.target.as_ref()) else {
+            return;
+        };
+        let sync = source.generations.bitmap;
+        let ours = self.generations().current;
+        if target.stage != TargetStage::AwaitingStart
+            || sync == meta::generation::GENERATION_NONE
+            || sync == ours
+        {
+            return;
+        }
+        let full = target.full;
+        let mut result = Ok(());
+        let ticket = self.meta.update_superblock(|s| {
+            result =
+                generations::start_resync_as_target(&mut s.generations, &mut s.flags, sync, full);
+            s.disk_state = DiskState::Inconsistent;
+        });
+        match result {
+            Ok(()) => {
+                self.conn().target.as_mut().expect("checked").stage = TargetStage::Marking(ticket)
+            }
+            Err(error) => {
+                self.connect_problem = Some(format!("cannot start the resync: {error}"));
+                self.drop_link(format!("bad sync generation: {error}"));
+            }
+        }
     }
 
     /// The peer's state changed.
@@ -685,87 +682,143 @@ impl Engine {
         }
         match phase {
             ConnPhase::WaitingForOperator if state.generations != before.generations => {
-                // The operator chose the peer as the source: follow the rules again.
-                let decision = decide(&self.generations(), &state.generations);
-                self.conn().decision = decision;
-                if let Decision::SyncTarget { full } = decision {
-                    self.start_target(full);
-                }
+                // The operator chose a source on the other node: follow the rules again.
+                let decision = generations::decide(&self.local_view(), &self.peer_view(&state));
+                self.act_on(decision, RoaringBitmap::new());
             }
             ConnPhase::Replicating => {
-                let target = self
-                    .conn()
-                    .target
-                    .as_ref()
-                    .is_some_and(|t| t.finishing.is_none());
-                let source_done = !state.flags.contains(Flags::RESYNC_IN_PROGRESS)
-                    && state.disk_state == DiskState::UpToDate;
-                if target && source_done && state.generations.current != GENERATION_JUST_CREATED {
-                    self.finish_target(state.generations);
-                }
+                self.maybe_adopt_sync_generation(&state);
+                self.maybe_finish_source(&state);
             }
             _ => {}
         }
     }
 
-    /// The source finished: every resync write is durable here (its last FlushAck
-    /// preceded its State), so take its generation and become UpToDate.
-    fn finish_target(&mut self, source: Generations) {
+    /// Target: the source says everything is copied and flushed (ResyncDone): take its
+    /// generations — first, before the source records its own finish, so an
+    /// interrupted finish leaves the *source* behind by nothing (a differential resync
+    /// of an empty set), never the target behind by history (a full copy).
+    fn finish_target(&mut self) {
+        let Some(target) = self.link.as_ref().and_then(|c| c.target.as_ref()) else {
+            self.drop_link("protocol violation: ResyncDone without a resync".into());
+            return;
+        };
+        if target.stage != TargetStage::Applying {
+            self.drop_link("protocol violation: ResyncDone before the resync started".into());
+            return;
+        }
+        let source = self.conn().peer.generations;
+        let role = self.role();
         let data_bytes = self.meta.layout().data_bytes;
         self.meta.mark_clean(&[meta::ByteRange::new(0, data_bytes)]);
+        let mut result = Ok(());
         let ticket = self.meta.update_superblock(|s| {
-            s.generations = Generations {
-                current: source.current,
-                bitmap: GENERATION_NONE,
-                history: s.generations.history,
-            };
-            s.disk_state = DiskState::UpToDate;
-            s.flags.remove(Flags::RESYNC_IN_PROGRESS);
-            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
-            s.flags.remove(Flags::CRASHED_PRIMARY);
+            result = generations::finish_resync_as_target(
+                &mut s.generations,
+                &mut s.flags,
+                role,
+                &source,
+            );
+            if result.is_ok() {
+                s.disk_state = DiskState::UpToDate;
+            }
         });
-        if let Some(target) = self.conn().target.as_mut() {
-            target.finishing = Some(ticket);
+        match result {
+            Ok(()) => {
+                self.conn().target.as_mut().expect("checked").stage = TargetStage::Finishing(ticket)
+            }
+            Err(error) => {
+                self.connect_problem = Some(format!("cannot finish the resync: {error}"));
+                self.drop_link(format!("resync finish refused: {error}"));
+            }
         }
     }
 
-    /// Superblock writes the peer half waits for: target marking and completion,
-    /// source completion.
-    pub(super) fn peer_superblock_waits_done(&mut self) -> bool {
-        let Some(conn) = self.link.as_ref() else {
-            return false;
+    /// Source: the target recorded its finish (its State has our current generation and
+    /// no resync mark): record ours.
+    fn maybe_finish_source(&mut self, target: &NodeState) {
+        let ours = self.generations();
+        let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) else {
+            return;
         };
-        let target_finished = conn
-            .target
-            .as_ref()
-            .and_then(|t| t.finishing)
-            .is_some_and(|ticket| self.meta.superblock_durable(ticket));
-        let target_marked = conn
-            .target
-            .as_ref()
-            .is_some_and(|t| self.meta.superblock_durable(t.marking));
-        let source_finished = conn
-            .resync
-            .as_ref()
-            .and_then(|r| r.finishing)
-            .is_some_and(|ticket| self.meta.superblock_durable(ticket));
-        let mut progress = false;
-        if target_finished {
-            self.conn().target = None;
-            self.disk_state = DiskState::UpToDate;
-            self.send_state();
-            progress = true;
-        } else if target_marked && !self.held_applies.is_empty() {
-            let held: Vec<u64> = self.held_applies.drain(..).collect();
-            for id in held {
-                self.apply_locked(id);
-            }
-            progress = true;
+        if resync.stage != SourceStage::DoneSent
+            || target.generations.current != ours.current
+            || target.flags.contains(Flags::RESYNC_IN_PROGRESS)
+        {
+            return;
         }
-        if source_finished {
-            self.conn().resync = None;
-            self.send_state();
-            progress = true;
+        let role = self.role();
+        let ticket = self.meta.update_superblock(|s| {
+            generations::finish_resync_as_source(&mut s.generations, &mut s.flags, role)
+        });
+        self.conn().resync.as_mut().expect("checked").stage = SourceStage::Finishing(ticket);
+    }
+
+    /// Steps of the resync that wait for durable metadata.
+    pub(super) fn peer_superblock_waits_done(&mut self) -> bool {
+        let mut progress = false;
+        if let Some(stage) = self
+            .link
+            .as_ref()
+            .and_then(|c| c.target.as_ref())
+            .map(|t| t.stage)
+        {
+            match stage {
+                TargetStage::Marking(ticket) if self.meta.superblock_durable(ticket) => {
+                    self.conn().target.as_mut().expect("live").stage = TargetStage::Applying;
+                    for id in std::mem::take(&mut self.held_applies) {
+                        self.apply_locked(id);
+                    }
+                    self.send_state();
+                    progress = true;
+                }
+                TargetStage::Finishing(ticket) if self.meta.superblock_durable(ticket) => {
+                    self.conn().target = None;
+                    self.disk_state = DiskState::UpToDate;
+                    self.send_state();
+                    progress = true;
+                }
+                _ => {}
+            }
+        }
+        if let Some(stage) = self
+            .link
+            .as_ref()
+            .and_then(|c| c.resync.as_ref())
+            .map(|r| r.stage)
+        {
+            match stage {
+                SourceStage::MarkingDirty(ticket) if self.meta.journal_durable(ticket) => {
+                    let peer = self.conn().peer.generations;
+                    let full = self.conn().resync.as_ref().expect("live").full;
+                    let ticket = self.meta.update_superblock(|s| {
+                        generations::start_resync_as_source(
+                            &mut s.generations,
+                            &mut s.flags,
+                            &peer,
+                            full,
+                        );
+                    });
+                    let layout = *self.meta.layout();
+                    let total = meta::engine::dirty_bytes(self.meta.dirty_bitmap(), &layout);
+                    let resync = self.conn().resync.as_mut().expect("live");
+                    resync.stage = SourceStage::Starting(ticket);
+                    resync.total_bytes = total;
+                    progress = true;
+                }
+                SourceStage::Starting(ticket) if self.meta.superblock_durable(ticket) => {
+                    // The State carrying the sync generation precedes every ResyncData.
+                    self.send_state();
+                    self.conn().resync.as_mut().expect("live").stage = SourceStage::Walking;
+                    progress = true;
+                }
+                SourceStage::Finishing(ticket) if self.meta.superblock_durable(ticket) => {
+                    self.conn().resync = None;
+                    self.send_state();
+                    progress = true;
+                }
+                _ => {}
+            }
         }
         progress
     }
@@ -876,11 +929,17 @@ impl Engine {
             .link
             .as_ref()
             .and_then(|c| c.target.as_ref())
-            .is_some_and(|t| !self.meta.superblock_durable(t.marking));
+            .is_some_and(|t| {
+                matches!(
+                    t.stage,
+                    TargetStage::AwaitingStart | TargetStage::Marking(_)
+                )
+            });
         let apply = self.applies.get_mut(&id).expect("a live apply");
         apply.locked = true;
         if hold {
-            // Resync target not yet durably Inconsistent: hold everything.
+            // Resync target not yet durably Inconsistent under the sync generation:
+            // hold everything (a crash must not leave mixed data looking consistent).
             self.held_applies.push_back(id);
             return;
         }
@@ -1034,7 +1093,7 @@ impl Engine {
         let Some(resync) = conn.resync.as_mut() else {
             return false;
         };
-        if resync.paused || resync.finishing.is_some() {
+        if resync.paused || resync.stage != SourceStage::Walking {
             return false;
         }
         if rate > 0 {
@@ -1178,7 +1237,7 @@ impl Engine {
     }
 
     /// At the end of a pass: flush what is acknowledged, start another pass if bits
-    /// remain, or finish.
+    /// remain, or tell the target everything is copied.
     fn maybe_finish_resync(&mut self) -> bool {
         let sync_idle = self.sync.is_none();
         let bitmap_empty = self.meta.dirty_bitmap().is_empty();
@@ -1186,10 +1245,10 @@ impl Engine {
         let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) else {
             return false;
         };
-        if resync.cursor < region_count
+        if resync.stage != SourceStage::Walking
+            || resync.cursor < region_count
             || !resync.ops.is_empty()
             || !resync.sent.is_empty()
-            || resync.finishing.is_some()
         {
             return false;
         }
@@ -1205,19 +1264,15 @@ impl Engine {
             resync.cursor = 0;
             return true;
         }
-        let ticket = self.meta.update_superblock(|s| {
-            s.generations.resync_finished();
-            s.flags.remove(Flags::RESYNC_IN_PROGRESS);
-            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
-            s.flags.remove(Flags::CRASHED_PRIMARY);
-        });
-        self.conn().resync.as_mut().expect("live").finishing = Some(ticket);
+        resync.stage = SourceStage::DoneSent;
+        let seq = self.conn().take_seq();
+        self.send(PeerMsg::ResyncDone { seq }, None);
         true
     }
 
     /// Operator: copy everything from this node to the peer (`rebuild --full --from
-    /// here`). This node declares its data authoritative: a new generation, with the
-    /// peer's current one as the bitmap generation, so the peer's rules see it behind.
+    /// here`). This node declares its data authoritative: a new current generation and
+    /// FULL_SYNC_REQUIRED, so the rules on both sides make it the source of a full copy.
     pub fn start_full_sync(&mut self, random: u64) -> Result<(), String> {
         let Some(conn) = self.link.as_ref().filter(|c| !c.dropping) else {
             return Err("the peer is not connected".into());
@@ -1233,15 +1288,25 @@ impl Engine {
                 "the peer is active (Primary): a full copy would overwrite its data".into(),
             );
         }
-        let peer_current = conn.peer.generations.current;
+        if self.disk_state == DiskState::Inconsistent
+            && self.generations().current != meta::generation::GENERATION_JUST_CREATED
+        {
+            return Err(
+                "this disk is Inconsistent (an unfinished resync target): it cannot be a source"
+                    .into(),
+            );
+        }
         self.meta.update_superblock(|s| {
             s.generations.new_current(random);
-            s.generations.bitmap = peer_current;
             s.disk_state = DiskState::UpToDate;
-            s.flags.remove(Flags::FULL_SYNC_REQUIRED);
+            s.flags.insert(Flags::FULL_SYNC_REQUIRED);
+            s.flags.remove(Flags::RESYNC_IN_PROGRESS);
         });
         self.disk_state = DiskState::UpToDate;
-        self.start_source(true, RoaringBitmap::new());
+        let peer = self.conn().peer;
+        let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
+        self.act_on(decision, RoaringBitmap::new());
+        self.send_state();
         self.pump();
         Ok(())
     }

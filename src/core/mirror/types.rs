@@ -121,6 +121,11 @@ pub enum PeerMsg {
     ResyncAck {
         seq: u64,
     },
+    /// The source copied everything and a peer flush covers it: the target records the
+    /// finish (taking the source's generation) and answers with State.
+    ResyncDone {
+        seq: u64,
+    },
     /// A chunk of the sender's serialized dirty bitmap (roaring portable format).
     BitmapChunk {
         offset: u64,

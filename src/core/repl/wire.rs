@@ -76,6 +76,9 @@ pub enum FrameType {
     KeepAliveAck,
     ResyncData,
     ResyncAck,
+    /// The sync source has copied everything (and a FlushAck covers it): the target
+    /// records the finish, then answers with State.
+    ResyncDone,
     BitmapChunk,
 }
 
@@ -100,7 +103,7 @@ type PayloadBounds = (u32, u32);
 
 impl FrameType {
     /// Every type, for exhaustive tests.
-    pub const ALL: [FrameType; 16] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Hello,
         FrameType::Auth,
         FrameType::Refuse,
@@ -116,6 +119,7 @@ impl FrameType {
         FrameType::KeepAliveAck,
         FrameType::ResyncData,
         FrameType::ResyncAck,
+        FrameType::ResyncDone,
         FrameType::BitmapChunk,
     ];
 
@@ -138,6 +142,7 @@ impl FrameType {
             FrameType::ResyncData => 48,
             FrameType::ResyncAck => 49,
             FrameType::BitmapChunk => 50,
+            FrameType::ResyncDone => 51,
         }
     }
 
@@ -163,6 +168,7 @@ impl FrameType {
             FrameType::KeepAliveAck => "KeepAliveAck",
             FrameType::ResyncData => "ResyncData",
             FrameType::ResyncAck => "ResyncAck",
+            FrameType::ResyncDone => "ResyncDone",
             FrameType::BitmapChunk => "BitmapChunk",
         }
     }
@@ -180,7 +186,8 @@ impl FrameType {
             | FrameType::FlushAck
             | FrameType::KeepAlive
             | FrameType::KeepAliveAck
-            | FrameType::ResyncAck => Fields::Seq,
+            | FrameType::ResyncAck
+            | FrameType::ResyncDone => Fields::Seq,
             FrameType::BitmapChunk => Fields::Offset,
         }
     }
@@ -210,7 +217,8 @@ impl FrameType {
             | FrameType::FlushAck
             | FrameType::KeepAlive
             | FrameType::KeepAliveAck
-            | FrameType::ResyncAck => (0, 0),
+            | FrameType::ResyncAck
+            | FrameType::ResyncDone => (0, 0),
         }
     }
 }
@@ -681,6 +689,9 @@ pub enum Frame<'a> {
     ResyncAck {
         seq: u64,
     },
+    ResyncDone {
+        seq: u64,
+    },
     /// A chunk of a serialized roaring bitmap (dirty-bitmap exchange), at byte `offset`
     /// of the serialization; `last` on the final chunk.
     BitmapChunk {
@@ -708,6 +719,7 @@ impl Frame<'_> {
             Frame::KeepAliveAck { .. } => FrameType::KeepAliveAck,
             Frame::ResyncData { .. } => FrameType::ResyncData,
             Frame::ResyncAck { .. } => FrameType::ResyncAck,
+            Frame::ResyncDone { .. } => FrameType::ResyncDone,
             Frame::BitmapChunk { .. } => FrameType::BitmapChunk,
         }
     }
@@ -881,6 +893,7 @@ fn parse_payload<'a>(header: &FrameHeader, payload: &'a [u8]) -> Result<Frame<'a
             data: payload,
         },
         FrameType::ResyncAck => Frame::ResyncAck { seq },
+        FrameType::ResyncDone => Frame::ResyncDone { seq },
         FrameType::BitmapChunk => Frame::BitmapChunk {
             offset,
             last: header.flags & frame_flag::LAST != 0,
@@ -981,6 +994,7 @@ fn fields_and_payload(frame: &Frame<'_>) -> (Fields64, Vec<u8>) {
         | Frame::Ack { seq }
         | Frame::FlushAck { seq }
         | Frame::ResyncAck { seq }
+        | Frame::ResyncDone { seq }
         | Frame::KeepAlive { nonce: seq }
         | Frame::KeepAliveAck { nonce: seq } => (plain(seq), Vec::new()),
         Frame::Nack { seq, errno } => {
@@ -1774,6 +1788,7 @@ mod tests {
                     data,
                 },
                 14 => Frame::ResyncAck { seq },
+                15 => Frame::ResyncDone { seq },
                 _ => Frame::BitmapChunk {
                     offset: data_offset,
                     last: fua,
@@ -1833,7 +1848,7 @@ mod tests {
 
     fn sample_strategy() -> impl Strategy<Value = Sample> {
         (
-            (0usize..16, any::<u64>(), any::<u64>(), any::<u64>()),
+            (0usize..17, any::<u64>(), any::<u64>(), any::<u64>()),
             (any::<u32>(), any::<bool>(), any::<u32>()),
             prop::collection::vec(any::<u8>(), 1..300),
             "\\PC{0,60}",
