@@ -1338,7 +1338,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for code in [0u16, 5, 15, 23, 34, 51, 0xFFFF] {
+        for code in [0u16, 5, 15, 23, 34, 52, 0xFFFF] {
             let mut bytes = ack();
             put_u16(&mut bytes, OFF_TYPE, code);
             reseal(&mut bytes);
