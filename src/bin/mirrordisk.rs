@@ -1,4 +1,4 @@
-//! `mirrordisk`: the node agent and its tools (serve, and later agent and demo).
+//! `mirrordisk`: the node agent and its tools (agent, serve, and later demo).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use mirrordisk::shell::agent::{self, AgentArgs};
 use mirrordisk::shell::serve::{self, ServeConfig};
 
 #[derive(Debug, Parser)]
@@ -21,6 +22,17 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: every mirror set of this node (disk, replication link to
+    /// the peer, NBD export while active) and the admin socket mirrorctl talks to.
+    Agent {
+        /// The cluster configuration (the same file on both nodes).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// This node's name in the configuration. Required unless exactly one
+        /// configured node is named like this host (`hostname`).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+    },
     /// Export one file or block device over NBD (no mirroring).
     Serve {
         /// Backing regular file or block device; never created, truncated or resized.
@@ -51,6 +63,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
+        Command::Agent { config, node } => agent::run(AgentArgs { config, node }),
         Command::Serve {
             path,
             listen,

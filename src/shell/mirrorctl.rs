@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::core::meta::engine::dirty_bytes;
+use crate::core::meta::generation::{GENERATION_JUST_CREATED, GENERATION_NONE};
 use crate::core::meta::inspect::{InspectView, inspect};
-use crate::core::meta::{CreateParams, Layout, MetaEngine, Placement};
+use crate::core::meta::{
+    CopyId, CreateParams, DiskState, Flags, Generations, Layout, MetaEngine, Placement,
+};
 use crate::shell::disk::open_backing;
 use crate::shell::metadata::{open_device, probe_signatures, read_area, write_create_image};
 
@@ -25,6 +28,9 @@ pub struct CreateArgs {
     pub al_slot_count: u32,
     pub mirror_uuid: Option<[u8; 16]>,
     pub force: bool,
+    /// Both disks are brand-new and identical (e.g. all zeros): start UpToDate with a
+    /// generation derived from the mirror UUID, skipping the first full copy.
+    pub blank: bool,
 }
 
 /// The mirror-set UUID both nodes derive from the mirror's name, so `create` run
@@ -121,10 +127,53 @@ pub fn create(args: &CreateArgs) -> Result<String, String> {
         }
     }
     .map_err(|e| e.to_string())?;
-    let (_engine, image) = MetaEngine::create(&params).map_err(|e| e.to_string())?;
+    let (engine, mut image) = MetaEngine::create(&params).map_err(|e| e.to_string())?;
+    if args.blank {
+        image.superblocks = blank_superblocks(&engine);
+    }
     write_create_image(&meta.file, 0, &image)
         .map_err(|e| format!("{}: writing metadata: {e}", meta_path.display()))?;
-    Ok(describe_layout(&args.mirror, &params.mirror_uuid, &layout))
+    Ok(describe_layout(
+        &args.mirror,
+        &params.mirror_uuid,
+        &layout,
+        args.blank,
+    ))
+}
+
+/// The current generation of a `--blank` disk: derived from the mirror UUID alone, so
+/// `create --blank` run independently on both nodes gives both disks the same
+/// generation, and the first connection finds them in sync (no full copy). Never one
+/// of the reserved values (none, just created).
+pub fn blank_generation(mirror_uuid: &[u8; 16]) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(b"mirrordisk blank generation v1\0")
+        .chain_update(mirror_uuid)
+        .finalize();
+    let mut value = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+    while value == GENERATION_NONE || value == GENERATION_JUST_CREATED {
+        value = value.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    }
+    value
+}
+
+/// The two superblock copies of a `--blank` disk: as `MetaEngine::create` made them,
+/// but UpToDate, without FULL_SYNC_REQUIRED, and with the blank generation. Re-encoded
+/// with the same sequence numbers (A = 1, B = 2) as the created ones.
+fn blank_superblocks(engine: &MetaEngine) -> Vec<(u64, Vec<u8>)> {
+    let mut superblock = engine.superblock().clone();
+    superblock.state.generations = Generations {
+        current: blank_generation(&superblock.identity.mirror_uuid),
+        bitmap: GENERATION_NONE,
+        history: [GENERATION_NONE; 2],
+    };
+    superblock.state.disk_state = DiskState::UpToDate;
+    superblock.state.flags.remove(Flags::FULL_SYNC_REQUIRED);
+    superblock.sequence = 1;
+    let a = superblock.encode();
+    superblock.sequence = 2;
+    let b = superblock.encode();
+    vec![(CopyId::A.offset(), a), (CopyId::B.offset(), b)]
 }
 
 /// For a device without `--data-size`: the largest data partition that fits after its
@@ -154,9 +203,14 @@ fn largest_data_partition(params: &CreateParams, device_bytes: u64) -> Result<u6
     Ok(trial.data_bytes)
 }
 
-fn describe_layout(name: &str, uuid: &[u8; 16], layout: &Layout) -> String {
+fn describe_layout(name: &str, uuid: &[u8; 16], layout: &Layout, blank: bool) -> String {
+    let state = if blank {
+        "UpToDate (--blank: no first full copy; both disks must really be identical, e.g. new and all zeros)"
+    } else {
+        "Inconsistent (needs its first full copy: mirrorctl rebuild --full)"
+    };
     format!(
-        "created mirror {name} (uuid {})\n  CLUSTER partition: {} bytes ({:?})\n  data partition: offset {}, {} bytes\n  granularity {} bytes, activity log {} x {} bytes\n  state: Inconsistent (needs its first full copy: mirrorctl rebuild --full)",
+        "created mirror {name} (uuid {})\n  CLUSTER partition: {} bytes ({:?})\n  data partition: offset {}, {} bytes\n  granularity {} bytes, activity log {} x {} bytes\n  state: {state}",
         format_uuid(uuid),
         layout.cluster_bytes,
         layout.placement,
@@ -299,6 +353,18 @@ mod tests {
     fn uuid_from_name_is_stable_and_distinct() {
         assert_eq!(mirror_uuid_for("db"), mirror_uuid_for("db"));
         assert_ne!(mirror_uuid_for("db"), mirror_uuid_for("db2"));
+    }
+
+    #[test]
+    fn blank_generation_is_shared_and_never_reserved() {
+        let uuid = mirror_uuid_for("db");
+        assert_eq!(blank_generation(&uuid), blank_generation(&uuid));
+        assert_ne!(
+            blank_generation(&uuid),
+            blank_generation(&mirror_uuid_for("db2"))
+        );
+        assert_ne!(blank_generation(&uuid), GENERATION_JUST_CREATED);
+        assert_ne!(blank_generation(&uuid), GENERATION_NONE);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The I/O shell: the only code that touches sockets, io_uring, files, clocks and processes.
 
+pub mod agent;
 pub mod buffers;
 pub mod disk;
 pub mod metadata;

@@ -30,6 +30,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
@@ -52,6 +53,18 @@ pub enum Op {
     Write {
         offset: u64,
         buf: Buf,
+        range: Range<usize>,
+        fua: bool,
+    },
+    /// Writes `buf[range]` at `offset` from a buffer shared with other readers (the
+    /// node agent sends the same client write to the peer from it, DESIGN §5: "the local
+    /// write and the send start together and share one buffer"). The ring holds one
+    /// reference until the CQE is reaped; nobody can mutate the buffer meanwhile (an
+    /// `Rc` hands out only shared access). The completion carries no buffer: the
+    /// reference is dropped.
+    WriteShared {
+        offset: u64,
+        buf: Rc<Buf>,
         range: Range<usize>,
         fua: bool,
     },
@@ -355,11 +368,15 @@ impl Ring {
     }
 
     fn push_slot(&mut self, op: Op, token: u64) -> u32 {
-        if let Op::Read { buf, range, .. } | Op::Write { buf, range, .. } = &op {
+        let checked = match &op {
+            Op::Read { buf, range, .. } | Op::Write { buf, range, .. } => Some((buf.len(), range)),
+            Op::WriteShared { buf, range, .. } => Some((buf.len(), range)),
+            Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => None,
+        };
+        if let Some((buf_len, range)) = checked {
             assert!(
-                range.start <= range.end && range.end <= buf.len(),
-                "transfer range {range:?} outside a {}-byte buffer",
-                buf.len()
+                range.start <= range.end && range.end <= buf_len,
+                "transfer range {range:?} outside a {buf_len}-byte buffer"
             );
             assert!(
                 u32::try_from(range.len()).is_ok(),
@@ -414,6 +431,19 @@ impl Ring {
                     .rw_flags(rw_flags)
                     .build()
             }
+            Op::WriteShared {
+                offset,
+                buf,
+                range,
+                fua,
+            } => {
+                let remaining = &buf[range.start + done as usize..range.end];
+                let rw_flags = if *fua { libc::RWF_DSYNC } else { 0 };
+                opcode::Write::new(BACKING, remaining.as_ptr(), remaining.len() as u32)
+                    .offset(*offset + u64::from(done))
+                    .rw_flags(rw_flags)
+                    .build()
+            }
             Op::Fsync => opcode::Fsync::new(BACKING)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -450,9 +480,11 @@ impl Ring {
 
     fn push_sq(&mut self, entry: &squeue::Entry) -> bool {
         // SAFETY: every pointer in the entry refers to the heap memory of a Buf owned by
-        // the slot named in its user_data. That memory does not move when the Buf does,
-        // and the slot keeps the Buf until the entry's CQE has been reaped (Drop waits for
-        // every in-flight operation before the Bufs are released).
+        // the slot named in its user_data (for WriteShared: a strong `Rc` reference the
+        // slot holds, which keeps the Buf alive and, shared, unmutated). That memory does
+        // not move when the Buf does, and the slot keeps the Buf until the entry's CQE
+        // has been reaped (Drop waits for every in-flight operation before the Bufs are
+        // released).
         unsafe { self.ring.submission().push(entry) }.is_ok()
     }
 
@@ -513,7 +545,9 @@ impl Ring {
             .as_mut()
             .expect("CQE for an operation that is not in flight");
         let transfer_len_bytes = match &in_flight.op {
-            Op::Read { range, .. } | Op::Write { range, .. } => Some(range.len() as u32),
+            Op::Read { range, .. } | Op::Write { range, .. } | Op::WriteShared { range, .. } => {
+                Some(range.len() as u32)
+            }
             Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => None,
         };
         let result = match advance(&mut in_flight.progress, transfer_len_bytes, res) {
@@ -530,7 +564,7 @@ impl Ring {
         self.in_flight_count -= 1;
         let buf = match in_flight.op {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => None,
+            Op::WriteShared { .. } | Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => None,
         };
         let completion = Completion {
             token: in_flight.token,
@@ -896,6 +930,32 @@ mod tests {
         );
         assert!(data[8192..].iter().all(|&b| b == 0x99));
         assert_eq!(read_at(&mut ring, &pool, 65536 + 4096, 4096), vec![0; 4096]);
+    }
+
+    /// A shared buffer is written while another owner still reads it, and comes back
+    /// to that owner alone once the write completed.
+    #[test]
+    fn shared_write_keeps_the_buffer_for_its_other_owner() {
+        let temp = TempFile::new(Path::new("/dev/shm"), "shared", MIB as u64);
+        let file = temp.open(true);
+        let pool = BufferPool::new(MIB);
+        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        let shared = Rc::new(filled(&pool, 2 * 4096, 0x5a));
+        let written = ring.run_to_completion(Op::WriteShared {
+            offset: 8192,
+            buf: Rc::clone(&shared),
+            range: 4096..8192,
+            fua: true,
+        });
+        assert_eq!(written.result, Ok(4096));
+        assert!(written.buf.is_none(), "a shared write hands no buffer back");
+        assert_eq!(
+            Rc::strong_count(&shared),
+            1,
+            "the ring dropped its reference"
+        );
+        assert_eq!(read_at(&mut ring, &pool, 8192, 4096), vec![0x5a; 4096]);
+        assert!(shared.iter().all(|&b| b == 0x5a));
     }
 
     #[test]

@@ -1,0 +1,873 @@
+//! Runs one mirror engine for the agent: the generalisation of `mirror_export` with a
+//! peer. Client requests come from the NBD front end (`Backend`), peer messages from
+//! the replication link, completions from three io_uring rings; the engine's actions go
+//! back out:
+//!
+//! - `Disk` → the local volume (data partition). Buffers are found by `DataRef`: a
+//!   client request's buffer, a payload received from the peer, or a fresh pooled
+//!   buffer for a resync read (kept until its `Send` or `Release`). A client write that
+//!   is also sent to the peer shares one buffer (`Rc<Buf>`) with the send; its aligned
+//!   disk write goes through a second ring that accepts a shared buffer
+//!   (`Op::WriteShared`), so the payload is never copied.
+//! - `Meta` → the ring on the CLUSTER partition.
+//! - `Send` → the current link's ordered outgoing queue; `DropLink` → close it.
+//! - `Reply` → the NBD connection; `Release` → free; `RoleChanged` → the waiting
+//!   activate/deactivate.
+//!
+//! Completions can arrive while actions are executed (a volume completes some requests
+//! inline), so they are queued and fed by one draining loop: the engine is never
+//! re-entered. Disk actions are collected during a drain pass and submitted when the
+//! engine has nothing more to say, so that the `Send` of a write (which follows its
+//! `Disk` action) has taken its reference to the buffer before the disk write decides
+//! whether it owns the buffer alone.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::rc::{Rc, Weak};
+
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use crate::core::meta::{MetaIo, MetaIoId, MetaIoKind, Role};
+use crate::core::mirror::{
+    Action, ClientOp, DataRef, DiskOp, DiskOpId, Engine, EngineStatus, PeerDataId, PeerMsg, ReqId,
+    ResyncBufId,
+};
+use crate::core::nbd::wire::Errno;
+use crate::core::overlap::ByteRange;
+use crate::core::repl::wire::NodeState;
+use crate::core::repl::{HANDSHAKE_TIMEOUT_MS_DEFAULT, HandshakeConfig, VersionRange};
+use crate::shell::agent::frames::{data_header, encode_control};
+use crate::shell::agent::peer_link::{LinkOut, OutFrame};
+use crate::shell::agent::{Clock, random_u64};
+use crate::shell::buffers::{Buf, BufferPool};
+use crate::shell::disk::Backing;
+use crate::shell::uring::{Completion, Op, Ring};
+use crate::shell::volume::{
+    Backend, BlockRequest, BufferLayout, IoSink, LocalVolume, ReadData, ReplyTag,
+};
+
+/// A client request the engine is working on.
+#[derive(Debug)]
+struct Pending {
+    tag: ReplyTag,
+    sink: Rc<dyn IoSink>,
+    /// A write's payload or a read's destination, until its disk op takes it. Shared
+    /// with the frame that sends the write to the peer.
+    buf: Option<Rc<Buf>>,
+    /// Where the payload sits in `buf` (unaligned requests use a wider buffer).
+    data: Range<usize>,
+    /// A read's data, from its disk op's completion to the reply.
+    read: Option<ReadData>,
+}
+
+/// Whose buffer a disk op uses, to route its completion.
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Nothing,
+    Request(ReqId),
+    Resync(u64),
+}
+
+#[derive(Debug)]
+enum Event {
+    Disk {
+        id: u64,
+        result: Result<(), Errno>,
+        data: Option<ReadData>,
+    },
+    Meta {
+        id: u64,
+        result: Result<(), i32>,
+    },
+}
+
+/// Counters the shell adds to the engine's status.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct ShellStats {
+    pub peer_buffers_held: u64,
+    pub resync_buffers_held: u64,
+    pub shared_writes: u64,
+    pub copied_writes: u64,
+    pub refused_inactive: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Executor {
+    me: Weak<Executor>,
+    mirror: String,
+    volume: LocalVolume,
+    /// Where the data partition starts on the data device (for shared writes, which
+    /// bypass the volume).
+    data_offset: u64,
+    /// Writes whose buffer is shared with a send (see the module documentation).
+    write_ring: RefCell<Ring>,
+    meta_ring: RefCell<Ring>,
+    engine: RefCell<Engine>,
+    clock: Clock,
+    requests: RefCell<HashMap<ReqId, Pending>>,
+    disk_ops: RefCell<HashMap<u64, Owner>>,
+    /// Disk actions of the current drain pass, submitted when the engine is quiet.
+    deferred: RefCell<Vec<(DiskOpId, Option<DataRef>, DiskOp)>>,
+    /// Payloads received from the peer, until a disk op takes them (or `Release`).
+    peer_data: RefCell<HashMap<u64, Buf>>,
+    next_peer_data: Cell<u64>,
+    /// Resync reads' data, from the read's completion to its `Send` (or `Release`).
+    resync_bufs: RefCell<HashMap<u64, ReadData>>,
+    events: RefCell<VecDeque<Event>>,
+    draining: Cell<bool>,
+    /// The established replication connection the engine is linked to.
+    link: RefCell<Option<Rc<LinkOut>>>,
+    /// The activate/deactivate waiting for `RoleChanged`.
+    role_waiter: RefCell<Option<oneshot::Sender<Result<(), String>>>>,
+    /// Client I/O is accepted (the disk is active and the export open).
+    serving: Cell<bool>,
+    failure_logged: Cell<bool>,
+    stats: Cell<ShellStats>,
+    scratch: RefCell<Vec<Completion>>,
+    /// A separate metadata device, kept open for as long as its ring uses it.
+    _meta_device: Option<Backing>,
+}
+
+impl Executor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        mirror: String,
+        volume: LocalVolume,
+        data_offset: u64,
+        write_ring: Ring,
+        meta_ring: Ring,
+        engine: Engine,
+        clock: Clock,
+        meta_device: Option<Backing>,
+    ) -> Rc<Executor> {
+        Rc::new_cyclic(|me| Executor {
+            me: me.clone(),
+            mirror,
+            volume,
+            data_offset,
+            write_ring: RefCell::new(write_ring),
+            meta_ring: RefCell::new(meta_ring),
+            engine: RefCell::new(engine),
+            clock,
+            requests: RefCell::new(HashMap::new()),
+            disk_ops: RefCell::new(HashMap::new()),
+            deferred: RefCell::new(Vec::new()),
+            peer_data: RefCell::new(HashMap::new()),
+            next_peer_data: Cell::new(0),
+            resync_bufs: RefCell::new(HashMap::new()),
+            events: RefCell::new(VecDeque::new()),
+            draining: Cell::new(false),
+            link: RefCell::new(None),
+            role_waiter: RefCell::new(None),
+            serving: Cell::new(false),
+            failure_logged: Cell::new(false),
+            stats: Cell::new(ShellStats::default()),
+            scratch: RefCell::new(Vec::new()),
+            _meta_device: meta_device,
+        })
+    }
+
+    pub fn volume(&self) -> &LocalVolume {
+        &self.volume
+    }
+
+    pub fn ring_fds(&self) -> [std::os::fd::RawFd; 3] {
+        [
+            self.volume.ring_fd(),
+            self.write_ring.borrow().fd(),
+            self.meta_ring.borrow().fd(),
+        ]
+    }
+
+    /// Read access to the engine (status, role, state).
+    pub fn with_engine<T>(&self, f: impl FnOnce(&Engine) -> T) -> T {
+        f(&self.engine.borrow())
+    }
+
+    pub fn status(&self) -> EngineStatus {
+        self.engine.borrow().status()
+    }
+
+    pub fn shell_stats(&self) -> ShellStats {
+        ShellStats {
+            peer_buffers_held: self.peer_data.borrow().len() as u64,
+            resync_buffers_held: self.resync_bufs.borrow().len() as u64,
+            ..self.stats.get()
+        }
+    }
+
+    fn bump(&self, f: impl FnOnce(&mut ShellStats)) {
+        let mut stats = self.stats.get();
+        f(&mut stats);
+        self.stats.set(stats);
+    }
+
+    /// No client request, disk op or metadata I/O in flight.
+    pub fn idle(&self) -> bool {
+        self.requests.borrow().is_empty()
+            && self.disk_ops.borrow().is_empty()
+            && self.deferred.borrow().is_empty()
+            && self.meta_ring.borrow().in_flight() == 0
+            && self.write_ring.borrow().in_flight() == 0
+            && self.volume.in_flight() == 0
+    }
+
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.borrow().len()
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        self.serving.set(serving);
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.get()
+    }
+
+    /// Lets time pass for the engine: sync points, peer timeouts, resync pacing.
+    pub fn tick(&self) {
+        let now = self.clock.now_ms();
+        self.engine.borrow_mut().handle_timeout(now);
+        self.drain();
+        self.flush_submissions();
+    }
+
+    // ------------------------------------------------------------------------------
+    // The replication link.
+    // ------------------------------------------------------------------------------
+
+    /// What this node says in a handshake: its identity, sizes, epoch proposal and
+    /// current state.
+    pub fn handshake_config(
+        &self,
+        node_id: u32,
+        peer_node_id: u32,
+    ) -> (HandshakeConfig, NodeState) {
+        let engine = self.engine.borrow();
+        let superblock = engine.meta().superblock();
+        let layout = engine.meta().layout();
+        let config = HandshakeConfig {
+            versions: VersionRange::SUPPORTED,
+            mirror_uuid: superblock.identity.mirror_uuid,
+            node_id,
+            peer_node_id,
+            data_bytes: layout.data_bytes,
+            logical_block_bytes: layout.logical_block_bytes,
+            granularity_bytes: layout.granularity_bytes,
+            epoch_proposal: engine.next_epoch_proposal(),
+            timeout_ms: HANDSHAKE_TIMEOUT_MS_DEFAULT,
+        };
+        (config, engine.node_state())
+    }
+
+    /// The connection the engine is linked to, if any.
+    pub fn link(&self) -> Option<Rc<LinkOut>> {
+        self.link.borrow().clone()
+    }
+
+    /// A handshake completed and this connection won: the engine takes it over.
+    pub fn link_up(&self, link: Rc<LinkOut>, peer: NodeState) {
+        let previous = self.link.replace(Some(link.clone()));
+        assert!(previous.is_none(), "link up while another link is up");
+        self.engine.borrow_mut().handle_link_up(link.epoch(), peer);
+        self.drain();
+        self.flush_submissions();
+    }
+
+    /// The connection `conn_id` is gone. Returns false if the engine was not linked to
+    /// it (a connection that lost the tie-break, or one already replaced).
+    pub fn link_down(&self, conn_id: u64) -> bool {
+        let current = self.link.borrow().as_ref().map(|l| l.conn_id());
+        if current != Some(conn_id) {
+            return false;
+        }
+        self.link.replace(None);
+        self.engine.borrow_mut().handle_link_down(random_u64());
+        self.drain();
+        self.flush_submissions();
+        true
+    }
+
+    /// A message from the peer on connection `conn_id`, with the payload of a Write or
+    /// ResyncData. Dropped (false) when the engine is no longer linked to that
+    /// connection. Submissions are batched: call `flush_submissions` before waiting.
+    pub fn peer_message(&self, conn_id: u64, msg: PeerMsg, data: Option<Buf>) -> bool {
+        let current = self.link.borrow().as_ref().map(|l| l.conn_id());
+        if current != Some(conn_id) {
+            return false;
+        }
+        let data_id = data.map(|buf| {
+            let id = self.next_peer_data.get();
+            self.next_peer_data.set(id + 1);
+            self.peer_data.borrow_mut().insert(id, buf);
+            PeerDataId(id)
+        });
+        self.engine.borrow_mut().handle_peer(msg, data_id);
+        self.drain();
+        true
+    }
+
+    // ------------------------------------------------------------------------------
+    // Operator commands.
+    // ------------------------------------------------------------------------------
+
+    /// Starts making the disk active. `Ok(None)`: it already is. `Ok(Some(rx))`: the
+    /// outcome arrives on `rx` once the new role is durable.
+    pub fn activate(
+        &self,
+        forced: bool,
+    ) -> Result<Option<oneshot::Receiver<Result<(), String>>>, String> {
+        if self.engine.borrow().role() == Role::Primary {
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.role_waiter.replace(Some(tx));
+        let result = self.engine.borrow_mut().activate(forced, random_u64());
+        if let Err(error) = result {
+            self.role_waiter.replace(None);
+            return Err(error);
+        }
+        self.drain();
+        self.flush_submissions();
+        Ok(Some(rx))
+    }
+
+    /// Starts making the disk inactive (no client request may be in flight). Same
+    /// answers as [`Executor::activate`].
+    pub fn deactivate(&self) -> Result<Option<oneshot::Receiver<Result<(), String>>>, String> {
+        if self.engine.borrow().role() == Role::Secondary {
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.role_waiter.replace(Some(tx));
+        let result = self.engine.borrow_mut().deactivate();
+        if let Err(error) = result {
+            self.role_waiter.replace(None);
+            return Err(error);
+        }
+        self.drain();
+        self.flush_submissions();
+        Ok(Some(rx))
+    }
+
+    /// `rebuild --full --from <this node>`.
+    pub fn start_full_sync(&self) -> Result<(), String> {
+        let result = self.engine.borrow_mut().start_full_sync(random_u64());
+        self.drain();
+        self.flush_submissions();
+        result
+    }
+
+    /// `rebuild --pause | --resume`.
+    pub fn set_resync_paused(&self, paused: bool) -> Result<(), String> {
+        let result = self.engine.borrow_mut().set_resync_paused(paused);
+        self.drain();
+        self.flush_submissions();
+        result
+    }
+
+    // ------------------------------------------------------------------------------
+    // The draining loop.
+    // ------------------------------------------------------------------------------
+
+    /// Runs everything the engine has queued, feeding back completions, until idle.
+    pub fn drain(&self) {
+        if self.draining.replace(true) {
+            return;
+        }
+        loop {
+            let event = self.events.borrow_mut().pop_front();
+            if let Some(event) = event {
+                self.feed(event);
+                continue;
+            }
+            let action = self.engine.borrow_mut().poll_action();
+            if let Some(action) = action {
+                self.execute(action);
+                continue;
+            }
+            let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+            if deferred.is_empty() {
+                break;
+            }
+            for (id, data, op) in deferred {
+                self.execute_disk(id, data, op);
+            }
+        }
+        self.draining.set(false);
+    }
+
+    fn feed(&self, event: Event) {
+        match event {
+            Event::Disk { id, result, data } => {
+                let owner = self
+                    .disk_ops
+                    .borrow_mut()
+                    .remove(&id)
+                    .expect("completion of an issued disk op");
+                match (owner, data) {
+                    (Owner::Request(req), Some(data)) => {
+                        if let Some(pending) = self.requests.borrow_mut().get_mut(&req) {
+                            pending.read = Some(data);
+                        }
+                    }
+                    (Owner::Resync(key), Some(data)) => {
+                        self.resync_bufs.borrow_mut().insert(key, data);
+                    }
+                    _ => {}
+                }
+                self.engine
+                    .borrow_mut()
+                    .handle_disk_done(DiskOpId(id), result);
+            }
+            Event::Meta { id, result } => {
+                self.engine
+                    .borrow_mut()
+                    .handle_meta_done(MetaIoId(id), result);
+            }
+        }
+        if !self.failure_logged.get()
+            && let Some(reason) = self.engine.borrow().failure()
+        {
+            self.failure_logged.set(true);
+            error!(mirror = self.mirror, reason, "mirror disk failed");
+        }
+    }
+
+    fn execute(&self, action: Action) {
+        match action {
+            Action::Disk { id, data, op } => self.deferred.borrow_mut().push((id, data, op)),
+            Action::Meta(io) => self.execute_meta(io),
+            Action::Reply { req, result } => {
+                let pending = self
+                    .requests
+                    .borrow_mut()
+                    .remove(&req)
+                    .expect("reply to a known request");
+                pending.sink.complete(pending.tag, result, pending.read);
+            }
+            Action::Send { msg, data } => self.send(msg, data),
+            Action::DropLink { reason } => {
+                if let Some(link) = self.link.borrow().as_ref() {
+                    info!(
+                        mirror = self.mirror,
+                        reason, "engine drops the replication link"
+                    );
+                    link.request_close(reason);
+                }
+            }
+            Action::Release(DataRef::Resync(ResyncBufId(key))) => {
+                self.resync_bufs.borrow_mut().remove(&key);
+            }
+            Action::Release(DataRef::Peer(PeerDataId(id))) => {
+                // Usually already taken by its disk op; dropped here if it never was.
+                self.peer_data.borrow_mut().remove(&id);
+            }
+            Action::Release(DataRef::Request(req)) => {
+                debug!(
+                    mirror = self.mirror,
+                    ?req,
+                    "release of a request buffer ignored"
+                );
+            }
+            Action::RoleChanged { result } => match self.role_waiter.take() {
+                Some(waiter) => {
+                    let _ = waiter.send(result);
+                }
+                None => info!(mirror = self.mirror, ?result, "role changed"),
+            },
+        }
+    }
+
+    /// Queues a message on the link. Without a link (it just went away) the message
+    /// is dropped, as the connection it was meant for is.
+    fn send(&self, msg: PeerMsg, data: Option<DataRef>) {
+        let link = self.link.borrow().clone();
+        let frame = match data {
+            None => {
+                let Some(link) = &link else { return };
+                let mut bytes = Vec::with_capacity(64);
+                encode_control(&msg, link.epoch(), &mut bytes);
+                OutFrame::Bytes(bytes)
+            }
+            Some(DataRef::Request(req)) => {
+                let Some(link) = &link else { return };
+                let requests = self.requests.borrow();
+                let pending = requests.get(&req).expect("a sent write is in flight");
+                let buf = pending
+                    .buf
+                    .clone()
+                    .expect("a write's buffer is sent before its disk op takes it");
+                let header = data_header(&msg, link.epoch(), &buf[pending.data.clone()]);
+                OutFrame::Shared {
+                    header,
+                    buf,
+                    range: pending.data.clone(),
+                }
+            }
+            Some(DataRef::Resync(ResyncBufId(key))) => {
+                let data = self
+                    .resync_bufs
+                    .borrow_mut()
+                    .remove(&key)
+                    .expect("resync data is sent after its read");
+                let Some(link) = &link else { return };
+                let header = data_header(&msg, link.epoch(), data.as_slice());
+                OutFrame::Read { header, data }
+            }
+            Some(DataRef::Peer(id)) => unreachable!("peer data {id:?} is never sent back"),
+        };
+        if let Some(link) = link {
+            link.push(frame);
+        }
+    }
+
+    fn execute_disk(&self, id: DiskOpId, data: Option<DataRef>, op: DiskOp) {
+        let length = |range: ByteRange| range.length() as u32;
+        let mut owner = Owner::Nothing;
+        let request = match (op, data) {
+            (ClientOp::Read { range }, Some(DataRef::Request(req))) => {
+                owner = Owner::Request(req);
+                let buf = self.take_request_buf(req);
+                let buf = Rc::try_unwrap(buf).expect("a read's buffer is never shared");
+                BlockRequest::Read {
+                    offset: range.start(),
+                    length: length(range),
+                    buf,
+                }
+            }
+            (ClientOp::Read { range }, Some(DataRef::Resync(ResyncBufId(key)))) => {
+                owner = Owner::Resync(key);
+                let layout = self.volume.layout(range.start(), length(range));
+                BlockRequest::Read {
+                    offset: range.start(),
+                    length: length(range),
+                    buf: self.get_buf(layout.buf_bytes),
+                }
+            }
+            (ClientOp::Write { range, fua }, Some(DataRef::Request(req))) => {
+                let buf = self.take_request_buf(req);
+                match Rc::try_unwrap(buf) {
+                    Ok(buf) => BlockRequest::Write {
+                        offset: range.start(),
+                        length: length(range),
+                        buf,
+                        fua,
+                    },
+                    Err(shared) => match self.write_shared(id, range, fua, shared) {
+                        None => return,
+                        Some(request) => request,
+                    },
+                }
+            }
+            (ClientOp::Write { range, fua }, Some(DataRef::Peer(PeerDataId(pid)))) => {
+                let buf = self
+                    .peer_data
+                    .borrow_mut()
+                    .remove(&pid)
+                    .expect("a peer payload is written once");
+                BlockRequest::Write {
+                    offset: range.start(),
+                    length: length(range),
+                    buf,
+                    fua,
+                }
+            }
+            (
+                ClientOp::WriteZeroes {
+                    range,
+                    fua,
+                    no_hole,
+                    fast_zero,
+                },
+                None,
+            ) => BlockRequest::WriteZeroes {
+                offset: range.start(),
+                length: length(range),
+                fua,
+                no_hole,
+                fast_zero,
+            },
+            (ClientOp::Trim { range, fua }, None) => BlockRequest::Trim {
+                offset: range.start(),
+                length: length(range),
+                fua,
+            },
+            (ClientOp::Flush, None) => BlockRequest::Flush,
+            (ClientOp::Cache { range }, None) => BlockRequest::Cache {
+                offset: range.start(),
+                length: length(range),
+            },
+            (op, data) => unreachable!("disk op {op:?} with data {data:?}"),
+        };
+        let is_read = matches!(request, BlockRequest::Read { .. });
+        self.disk_ops.borrow_mut().insert(id.0, owner);
+        let sink: Rc<dyn IoSink> = self.me.upgrade().expect("the executor is alive");
+        self.volume.submit(
+            request,
+            ReplyTag {
+                cookie: id.0,
+                is_read,
+            },
+            sink,
+        );
+    }
+
+    /// A client write whose buffer is also being sent. An aligned one is written from
+    /// the shared buffer through the shared-write ring (returns `None`); an unaligned
+    /// one needs a read-modify-write, which mutates its buffer, so the volume gets a
+    /// private copy.
+    fn write_shared(
+        &self,
+        id: DiskOpId,
+        range: ByteRange,
+        fua: bool,
+        shared: Rc<Buf>,
+    ) -> Option<BlockRequest> {
+        let layout = self.volume.layout(range.start(), range.length() as u32);
+        let exact = layout
+            == BufferLayout {
+                buf_bytes: range.length() as usize,
+                data_start: 0,
+            };
+        if exact && shared.len() == layout.buf_bytes {
+            self.bump(|s| s.shared_writes += 1);
+            self.disk_ops.borrow_mut().insert(id.0, Owner::Nothing);
+            let len = shared.len();
+            self.write_ring.borrow_mut().push(
+                Op::WriteShared {
+                    offset: self.data_offset + range.start(),
+                    buf: shared,
+                    range: 0..len,
+                    fua,
+                },
+                id.0,
+            );
+            return None;
+        }
+        self.bump(|s| s.copied_writes += 1);
+        let mut buf = self.get_buf(shared.len());
+        buf.copy_from_slice(&shared);
+        Some(BlockRequest::Write {
+            offset: range.start(),
+            length: range.length() as u32,
+            buf,
+            fua,
+        })
+    }
+
+    fn take_request_buf(&self, req: ReqId) -> Rc<Buf> {
+        self.requests
+            .borrow_mut()
+            .get_mut(&req)
+            .and_then(|p| p.buf.take())
+            .expect("a request's buffer is used by exactly one disk op")
+    }
+
+    /// A buffer for an engine-initiated read or a private copy. The engine bounds how
+    /// many of these are in flight (resync window), so when the pool is exhausted by
+    /// client requests an unpooled buffer is used rather than stalling the engine.
+    fn get_buf(&self, bytes: usize) -> Buf {
+        match self.volume.pool().try_get(bytes) {
+            Some(buf) => buf,
+            None => Buf::new_unpooled(bytes),
+        }
+    }
+
+    fn execute_meta(&self, io: MetaIo) {
+        let op = match io.kind {
+            MetaIoKind::Write { offset, bytes } => {
+                // 4 KiB multiples at 4 KiB offsets: one aligned copy satisfies O_DIRECT.
+                let mut buf = Buf::new_unpooled(bytes.len());
+                buf.copy_from_slice(&bytes);
+                let range = 0..buf.len();
+                Op::Write {
+                    offset,
+                    buf,
+                    range,
+                    fua: false,
+                }
+            }
+            MetaIoKind::Flush => Op::Fsync,
+        };
+        self.meta_ring.borrow_mut().push(op, io.id.0);
+    }
+
+    // ------------------------------------------------------------------------------
+    // Rings.
+    // ------------------------------------------------------------------------------
+
+    /// Drains the metadata ring's completions into the engine.
+    pub fn process_meta_completions(&self) -> bool {
+        let mut completions = self.scratch.take();
+        self.meta_ring.borrow_mut().drain(&mut completions);
+        let any = !completions.is_empty();
+        for completion in completions.drain(..) {
+            self.events.borrow_mut().push_back(Event::Meta {
+                id: completion.token,
+                result: completion.result.map(|_| ()),
+            });
+        }
+        *self.scratch.borrow_mut() = completions;
+        if any {
+            self.drain();
+        }
+        any
+    }
+
+    /// Drains the shared-write ring's completions into the engine.
+    pub fn process_write_completions(&self) -> bool {
+        let mut completions = self.scratch.take();
+        self.write_ring.borrow_mut().drain(&mut completions);
+        let any = !completions.is_empty();
+        for completion in completions.drain(..) {
+            let result = completion.result.map(|_| ()).map_err(Errno::from_os);
+            if let Err(errno) = result {
+                warn!(mirror = self.mirror, ?errno, "shared-buffer write failed");
+            }
+            self.events.borrow_mut().push_back(Event::Disk {
+                id: completion.token,
+                result,
+                data: None,
+            });
+        }
+        *self.scratch.borrow_mut() = completions;
+        if any {
+            self.drain();
+        }
+        any
+    }
+
+    /// Submits all three rings, handling inline completions, until none has new work
+    /// (a completion on one ring can queue work on another).
+    pub fn flush_submissions(&self) {
+        loop {
+            self.volume.flush_submissions();
+            if let Err(error) = self.write_ring.borrow_mut().submit() {
+                panic!("io_uring submit failed on the shared-write ring: {error}");
+            }
+            if let Err(error) = self.meta_ring.borrow_mut().submit() {
+                panic!("io_uring submit failed on the metadata ring: {error}");
+            }
+            let meta = self.process_meta_completions();
+            let writes = self.process_write_completions();
+            if !meta && !writes {
+                break;
+            }
+        }
+    }
+}
+
+impl IoSink for Executor {
+    fn complete(&self, tag: ReplyTag, result: Result<(), Errno>, data: Option<ReadData>) {
+        self.events.borrow_mut().push_back(Event::Disk {
+            id: tag.cookie,
+            result,
+            data,
+        });
+        self.drain();
+    }
+}
+
+impl Backend for Executor {
+    fn layout(&self, offset: u64, length: u32) -> BufferLayout {
+        self.volume.layout(offset, length)
+    }
+
+    fn pool(&self) -> &Rc<BufferPool> {
+        self.volume.pool()
+    }
+
+    fn submit(&self, request: BlockRequest, tag: ReplyTag, sink: Rc<dyn IoSink>) {
+        if !self.serving.get() {
+            // The export is being stopped or was never started here: "not ready".
+            self.bump(|s| s.refused_inactive += 1);
+            sink.complete(tag, Err(Errno::Shutdown), None);
+            return;
+        }
+        let range = |offset: u64, length: u32| {
+            ByteRange::new(offset, u64::from(length)).expect("validated request")
+        };
+        let with_buf = |offset: u64, length: u32, buf: Buf| {
+            let layout = self.volume.layout(offset, length);
+            let data = layout.data_start..layout.data_start + length as usize;
+            (Some(Rc::new(buf)), data)
+        };
+        let ((buf, data), op) = match request {
+            BlockRequest::Read {
+                offset,
+                length,
+                buf,
+            } => (
+                with_buf(offset, length, buf),
+                ClientOp::Read {
+                    range: range(offset, length),
+                },
+            ),
+            BlockRequest::Write {
+                offset,
+                length,
+                buf,
+                fua,
+            } => (
+                with_buf(offset, length, buf),
+                ClientOp::Write {
+                    range: range(offset, length),
+                    fua,
+                },
+            ),
+            BlockRequest::Flush => ((None, 0..0), ClientOp::Flush),
+            BlockRequest::Trim {
+                offset,
+                length,
+                fua,
+            } => (
+                (None, 0..0),
+                ClientOp::Trim {
+                    range: range(offset, length),
+                    fua,
+                },
+            ),
+            BlockRequest::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast_zero,
+            } => (
+                (None, 0..0),
+                ClientOp::WriteZeroes {
+                    range: range(offset, length),
+                    fua,
+                    no_hole,
+                    fast_zero,
+                },
+            ),
+            BlockRequest::Cache { offset, length } => (
+                (None, 0..0),
+                ClientOp::Cache {
+                    range: range(offset, length),
+                },
+            ),
+        };
+        let req = self.engine.borrow_mut().handle_client(op);
+        self.requests.borrow_mut().insert(
+            req,
+            Pending {
+                tag,
+                sink,
+                buf,
+                data,
+                read: None,
+            },
+        );
+        self.drain();
+    }
+
+    fn flush_submissions(&self) {
+        Executor::flush_submissions(self);
+    }
+}

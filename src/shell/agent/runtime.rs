@@ -1,0 +1,587 @@
+//! One mirror's data plane on this node: the volume and its three rings (data, shared
+//! writes, metadata) driven by the runtime, the engine's timer, the replication link,
+//! and the NBD export, which refuses clients (with a message) while the mirror is not
+//! active here. Also the switch-mirror hooks: `activate` and `deactivate`, the internal
+//! API the admin socket (and later the failover manager) calls.
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{Mirror, MirrorSide, Node};
+use crate::constants::{
+    BUFFER_POOL_BYTES_MAX, NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_CONNECTIONS_MAX,
+    NBD_PAYLOAD_BYTES_MAX,
+};
+use crate::core::meta::Role;
+use crate::core::mirror::{Engine, EngineConfig};
+use crate::core::nbd::handshake::ExportInfo;
+use crate::core::repl::ClusterSecret;
+use crate::shell::agent::executor::Executor;
+use crate::shell::agent::peer_link::{LinkConfig, PeerLink};
+use crate::shell::agent::startup::MirrorPlan;
+use crate::shell::agent::status::{MirrorStatus, mirror_status};
+use crate::shell::agent::{Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SYNC_INTERVAL_MS, TICK_MS};
+use crate::shell::buffers::BufferPool;
+use crate::shell::nbd_server::{Export, SplitStream, serve_connection};
+use crate::shell::uring::Ring;
+use crate::shell::volume::LocalVolume;
+
+/// Ticks between two samples of the resync byte counters (the rate shown in status).
+const RATE_SAMPLE_TICKS: u64 = 10;
+
+/// The NBD export's gate: whether new clients are served, and the signal that tells
+/// the current clients to finish.
+#[derive(Debug)]
+struct Gate {
+    accepting: bool,
+    /// Sent `true` to stop the clients of the current activation.
+    stop_clients: watch::Sender<bool>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct MirrorRuntime {
+    name: String,
+    node_name: String,
+    config: Mirror,
+    side: MirrorSide,
+    executor: Rc<Executor>,
+    link: Rc<PeerLink>,
+    info: ExportInfo,
+    gate: RefCell<Gate>,
+    /// Receivers handed to refused connections: never signalled.
+    idle_stop: watch::Sender<bool>,
+    /// NBD connections being served (not refused ones).
+    clients: Cell<usize>,
+    clients_changed: Notify,
+    /// An activate or deactivate is running: they are serialised.
+    role_busy: Cell<bool>,
+    data_fd: RawFd,
+    clock: Clock,
+    /// Resync bytes per second over the last sample, and the sample it came from.
+    rate_bytes_per_s: Cell<u64>,
+    rate_sample: Cell<(u64, u64)>,
+    nbd_tasks: RefCell<Vec<JoinHandle<()>>>,
+    background: RefCell<Vec<JoinHandle<()>>>,
+}
+
+impl MirrorRuntime {
+    /// Builds the engine and the data plane from a plan and starts every task.
+    pub fn start(
+        plan: MirrorPlan,
+        node: &Node,
+        peer: &Node,
+        secret: ClusterSecret,
+        clock: Clock,
+    ) -> Result<Rc<MirrorRuntime>, String> {
+        let MirrorPlan {
+            config,
+            side,
+            peer_side,
+            disk,
+            nbd_tcp,
+            nbd_unix,
+            replication,
+        } = plan;
+        let name = config.name.clone();
+        let layout = disk.layout;
+        let data_fd = disk.backing.file.as_raw_fd();
+        let meta_fd = disk
+            .meta_device
+            .as_ref()
+            .map_or(data_fd, |b| b.file.as_raw_fd());
+        let ring = |fd: RawFd, what: &str| {
+            Ring::new(fd).map_err(|e| format!("mirror {name}: {what} ring: {e}"))
+        };
+        let data_ring = ring(data_fd, "data")?;
+        let write_ring = ring(data_fd, "shared-write")?;
+        let meta_ring = ring(meta_fd, "metadata")?;
+        let pool = BufferPool::new(BUFFER_POOL_BYTES_MAX);
+        let volume = LocalVolume::with_window(
+            disk.backing,
+            layout.data_offset,
+            layout.data_bytes,
+            data_ring,
+            pool,
+        );
+        let engine = Engine::new(
+            EngineConfig {
+                lock_alignment_bytes: u64::from(layout.logical_block_bytes),
+                sync_interval_ms: SYNC_INTERVAL_MS,
+                peer_timeout_ms: config.peer_timeout_ms,
+                resync_rate_bytes_per_s: config.resync_rate_bytes_per_s,
+            },
+            disk.meta,
+            clock.now_ms(),
+        );
+        let executor = Executor::new(
+            name.clone(),
+            volume,
+            layout.data_offset,
+            write_ring,
+            meta_ring,
+            engine,
+            clock,
+            disk.meta_device,
+        );
+        let link = PeerLink::start(
+            LinkConfig {
+                mirror: name.clone(),
+                node_id: node.id,
+                peer_id: peer.id,
+                peer_name: peer.name.clone(),
+                listen: side.replication.clone(),
+                peer_addrs: peer_side.replication.clone(),
+                peer_timeout_ms: config.peer_timeout_ms,
+            },
+            replication,
+            executor.clone(),
+            secret,
+            clock,
+        )?;
+        let block_size_min_bytes = layout.logical_block_bytes;
+        let info = ExportInfo {
+            name: name.clone(),
+            description: format!("mirrordisk mirror {name} on node {}", node.name),
+            size_bytes: layout.data_bytes,
+            read_only: false,
+            block_size_min_bytes,
+            block_size_preferred_bytes: NBD_BLOCK_SIZE_PREFERRED_BYTES.max(block_size_min_bytes),
+            block_size_max_bytes: NBD_PAYLOAD_BYTES_MAX,
+            refusal: None,
+        };
+        let runtime = Rc::new(MirrorRuntime {
+            name: name.clone(),
+            node_name: node.name.clone(),
+            config,
+            side,
+            executor: executor.clone(),
+            link,
+            info,
+            gate: RefCell::new(Gate {
+                accepting: false,
+                stop_clients: watch::channel(false).0,
+            }),
+            idle_stop: watch::channel(false).0,
+            clients: Cell::new(0),
+            clients_changed: Notify::new(),
+            role_busy: Cell::new(false),
+            data_fd,
+            clock,
+            rate_bytes_per_s: Cell::new(0),
+            rate_sample: Cell::new((clock.now_ms(), 0)),
+            nbd_tasks: RefCell::new(Vec::new()),
+            background: RefCell::new(Vec::new()),
+        });
+        runtime.start_background();
+        let mut nbd_tasks = Vec::new();
+        if let Some(listener) = nbd_tcp {
+            let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            nbd_tasks.push(tokio::task::spawn_local(
+                runtime.clone().accept_tcp(listener),
+            ));
+        }
+        if let Some(listener) = nbd_unix {
+            let listener = UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+            nbd_tasks.push(tokio::task::spawn_local(
+                runtime.clone().accept_unix(listener),
+            ));
+        }
+        runtime.nbd_tasks.replace(nbd_tasks);
+        // The engine's first actions (the post-recovery snapshot) go out now.
+        executor.drain();
+        executor.flush_submissions();
+        info!(
+            mirror = name,
+            data_bytes = layout.data_bytes,
+            nbd_listen = ?runtime.side.nbd_listen,
+            nbd_unix = ?runtime.side.nbd_unix,
+            replication = ?runtime.side.replication,
+            "mirror started (inactive)"
+        );
+        Ok(runtime)
+    }
+
+    fn start_background(self: &Rc<Self>) {
+        let executor = &self.executor;
+        let [data_fd, write_fd, meta_fd] = executor.ring_fds();
+        let mut tasks = Vec::new();
+        let e = executor.clone();
+        tasks.push(tokio::task::spawn_local(drive_ring(data_fd, move || {
+            e.volume().process_completions();
+            e.flush_submissions();
+        })));
+        let e = executor.clone();
+        tasks.push(tokio::task::spawn_local(drive_ring(write_fd, move || {
+            e.process_write_completions();
+            e.flush_submissions();
+        })));
+        let e = executor.clone();
+        tasks.push(tokio::task::spawn_local(drive_ring(meta_fd, move || {
+            e.process_meta_completions();
+            e.flush_submissions();
+        })));
+        let runtime = self.clone();
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(TICK_MS));
+            let mut ticks = 0u64;
+            loop {
+                interval.tick().await;
+                runtime.executor.tick();
+                ticks += 1;
+                if ticks.is_multiple_of(RATE_SAMPLE_TICKS) {
+                    runtime.sample_rate();
+                }
+            }
+        }));
+        self.background.replace(tasks);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn executor(&self) -> &Rc<Executor> {
+        &self.executor
+    }
+
+    fn sample_rate(&self) {
+        let stats = self.executor.with_engine(|e| e.stats());
+        let bytes = stats.resync_bytes_sent + stats.resync_bytes_received;
+        let now = self.clock.now_ms();
+        let (then, before) = self.rate_sample.get();
+        let elapsed = now.saturating_sub(then).max(1);
+        self.rate_bytes_per_s
+            .set(bytes.saturating_sub(before) * 1000 / elapsed);
+        self.rate_sample.set((now, bytes));
+    }
+
+    pub fn status(&self) -> MirrorStatus {
+        let nbd: Vec<String> = self
+            .side
+            .nbd_listen
+            .iter()
+            .map(|a| format!("nbd://{a}/{}", self.name))
+            .chain(
+                self.side
+                    .nbd_unix
+                    .iter()
+                    .map(|p| format!("nbd+unix:///{}?socket={}", self.name, p.display())),
+            )
+            .collect();
+        mirror_status(
+            &self.name,
+            &self.executor,
+            self.link.view(),
+            self.gate.borrow().accepting,
+            nbd,
+            self.clients.get(),
+            self.rate_bytes_per_s.get(),
+            &self.config,
+        )
+    }
+
+    // ------------------------------------------------------------------------------
+    // The NBD export.
+    // ------------------------------------------------------------------------------
+
+    fn refusal(&self) -> String {
+        format!(
+            "mirror {} is not active on this node ({})",
+            self.name, self.node_name
+        )
+    }
+
+    async fn accept_tcp(self: Rc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.spawn_client(stream, peer.to_string());
+                }
+                Err(error) => {
+                    warn!(mirror = self.name, %error, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
+                }
+            }
+        }
+    }
+
+    async fn accept_unix(self: Rc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => self.spawn_client(stream, "unix".into()),
+                Err(error) => {
+                    warn!(mirror = self.name, %error, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves a new client if the mirror is active here; otherwise its handshake is
+    /// refused with a message saying so.
+    fn spawn_client<S: SplitStream>(self: &Rc<Self>, stream: S, peer: String) {
+        let (accepting, stop) = {
+            let gate = self.gate.borrow();
+            (gate.accepting, gate.stop_clients.subscribe())
+        };
+        if !accepting {
+            let mut info = self.info.clone();
+            info.refusal = Some(self.refusal());
+            let export = Rc::new(Export {
+                info,
+                volume: self.executor.clone(),
+            });
+            let stop = self.idle_stop.subscribe();
+            tokio::task::spawn_local(serve_connection(stream, export, peer, stop));
+            return;
+        }
+        if self.clients.get() >= NBD_CONNECTIONS_MAX {
+            warn!(
+                mirror = self.name,
+                peer,
+                limit = NBD_CONNECTIONS_MAX,
+                "too many NBD clients; refusing"
+            );
+            return;
+        }
+        let export = Rc::new(Export {
+            info: self.info.clone(),
+            volume: self.executor.clone(),
+        });
+        self.clients.set(self.clients.get() + 1);
+        let runtime = self.clone();
+        tokio::task::spawn_local(async move {
+            serve_connection(stream, export, peer, stop).await;
+            runtime.clients.set(runtime.clients.get() - 1);
+            runtime.clients_changed.notify_waiters();
+        });
+    }
+
+    fn open_export(&self) {
+        let mut gate = self.gate.borrow_mut();
+        if gate.accepting {
+            return;
+        }
+        gate.accepting = true;
+        gate.stop_clients = watch::channel(false).0;
+        self.executor.set_serving(true);
+        info!(
+            mirror = self.name,
+            "export open: mirror active on this node"
+        );
+    }
+
+    /// Stops accepting clients, tells the current ones to finish (their in-flight
+    /// requests are answered first), and waits until they are gone and the engine has
+    /// answered everything.
+    async fn close_export_and_drain(&self) {
+        {
+            let mut gate = self.gate.borrow_mut();
+            gate.accepting = false;
+            let _ = gate.stop_clients.send(true);
+        }
+        loop {
+            let changed = self.clients_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.clients.get() == 0 {
+                break;
+            }
+            changed.await;
+        }
+        // A client whose socket broke leaves without waiting for its replies.
+        while self.executor.requests_in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.executor.set_serving(false);
+    }
+
+    /// Stops the NBD listeners (SIGTERM): no new client is even refused politely.
+    pub fn stop_accepting(&self) {
+        for task in self.nbd_tasks.take() {
+            task.abort();
+        }
+        self.gate.borrow_mut().accepting = false;
+    }
+
+    // ------------------------------------------------------------------------------
+    // Switch-mirror hooks.
+    // ------------------------------------------------------------------------------
+
+    fn role_guard(&self) -> Result<RoleGuard<'_>, String> {
+        if self.role_busy.replace(true) {
+            return Err(format!(
+                "mirror {}: another activate/deactivate is in progress",
+                self.name
+            ));
+        }
+        Ok(RoleGuard(&self.role_busy))
+    }
+
+    /// Makes the mirror active here: only an UpToDate disk whose connected peer is
+    /// Secondary, or with `forced` (forced-permit) a disconnected one; the new role is
+    /// durable before the export opens.
+    pub async fn activate(&self, forced: bool) -> Result<String, String> {
+        let _guard = self.role_guard()?;
+        let waiting = self
+            .executor
+            .activate(forced)
+            .map_err(|e| format!("mirror {}: cannot activate: {e}", self.name))?;
+        let message = match waiting {
+            None => format!(
+                "mirror {} is already active on {}",
+                self.name, self.node_name
+            ),
+            Some(rx) => {
+                rx.await
+                    .map_err(|_| {
+                        format!("mirror {}: the engine dropped the activation", self.name)
+                    })?
+                    .map_err(|e| format!("mirror {}: activation failed: {e}", self.name))?;
+                info!(mirror = self.name, forced, "activated");
+                format!("mirror {} is active on {}", self.name, self.node_name)
+            }
+        };
+        self.open_export();
+        Ok(message)
+    }
+
+    /// Makes the mirror inactive here: stop accepting requests, drain, flush (a final
+    /// sync point on both sides), stop the export, become Secondary (durably).
+    pub async fn deactivate(&self) -> Result<String, String> {
+        let _guard = self.role_guard()?;
+        self.deactivate_locked().await
+    }
+
+    async fn deactivate_locked(&self) -> Result<String, String> {
+        if self.executor.with_engine(|e| e.role()) == Role::Secondary
+            && !self.gate.borrow().accepting
+        {
+            return Ok(format!(
+                "mirror {} is not active on {}",
+                self.name, self.node_name
+            ));
+        }
+        self.close_export_and_drain().await;
+        let waiting = match self.executor.deactivate() {
+            Ok(waiting) => waiting,
+            Err(error) => {
+                // Still Primary: keep serving rather than leave the clients stranded.
+                self.open_export();
+                return Err(format!("mirror {}: cannot deactivate: {error}", self.name));
+            }
+        };
+        if let Some(rx) = waiting {
+            rx.await
+                .map_err(|_| format!("mirror {}: the engine dropped the deactivation", self.name))?
+                .map_err(|e| format!("mirror {}: deactivation failed: {e}", self.name))?;
+        }
+        info!(mirror = self.name, "deactivated");
+        Ok(format!(
+            "mirror {} is inactive on {}",
+            self.name, self.node_name
+        ))
+    }
+
+    /// SIGTERM: deactivate if active (waiting for a role change already running).
+    pub async fn deactivate_for_shutdown(&self) -> Result<(), String> {
+        while self.role_busy.get() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.executor.with_engine(|e| e.role()) == Role::Primary {
+            let _guard = self.role_guard()?;
+            self.deactivate_locked().await?;
+        }
+        Ok(())
+    }
+
+    /// `rebuild --full --from <this node>`.
+    pub fn rebuild_full(&self) -> Result<String, String> {
+        self.executor
+            .start_full_sync()
+            .map_err(|e| format!("mirror {}: cannot start a full rebuild: {e}", self.name))?;
+        info!(mirror = self.name, "full rebuild started from this node");
+        Ok(format!(
+            "mirror {}: full rebuild from {} started",
+            self.name, self.node_name
+        ))
+    }
+
+    pub fn set_resync_paused(&self, paused: bool) -> Result<String, String> {
+        self.executor
+            .set_resync_paused(paused)
+            .map_err(|e| format!("mirror {}: {e}", self.name))?;
+        let what = if paused { "paused" } else { "resumed" };
+        info!(mirror = self.name, "resync {what}");
+        Ok(format!("mirror {}: resync {what}", self.name))
+    }
+
+    /// SIGTERM, after deactivation: close the link cleanly, let in-flight I/O finish,
+    /// make everything durable.
+    pub async fn shutdown(&self) {
+        self.link.shutdown().await;
+        let deadline = self.clock.now_ms() + SHUTDOWN_IDLE_TIMEOUT_MS;
+        while !self.executor.idle() && self.clock.now_ms() < deadline {
+            tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
+            self.executor.tick();
+        }
+        if !self.executor.idle() {
+            warn!(
+                mirror = self.name,
+                "in-flight I/O did not finish before shutdown"
+            );
+        }
+        for task in self.background.take() {
+            task.abort();
+        }
+        // SAFETY: data_fd is the backing's descriptor, owned by the volume the executor
+        // keeps alive (this runtime holds the executor).
+        if unsafe { libc::fdatasync(self.data_fd) } != 0 {
+            warn!(mirror = self.name, error = %std::io::Error::last_os_error(), "final fdatasync failed");
+        }
+        info!(mirror = self.name, "mirror stopped");
+    }
+}
+
+/// Releases the role-change flag when the operation ends, however it ends.
+struct RoleGuard<'a>(&'a Cell<bool>);
+
+impl Drop for RoleGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
+#[derive(Debug)]
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Waits for a ring's completion queue to become non-empty and calls `on_ready`.
+async fn drive_ring(ring_fd: RawFd, on_ready: impl Fn()) {
+    // SAFETY: the ring fd belongs to a ring owned by the executor `on_ready` keeps
+    // alive (it holds an `Rc`), for as long as this task — and so the `AsyncFd` — exists.
+    let fd = unsafe { AsyncFd::register_with_interest(RingFd(ring_fd), Interest::READABLE) }
+        .unwrap_or_else(|e| panic!("registering the io_uring fd with the reactor: {e}"));
+    loop {
+        let mut guard = fd.readable().await.expect("polling the io_uring fd");
+        // Clear first, then drain: a completion posted after the drain raises a new edge.
+        guard.clear_ready();
+        on_ready();
+    }
+}
