@@ -106,6 +106,13 @@ impl MirrorExport {
         f(&self.engine.borrow())
     }
 
+    /// A clean stop: see `Engine::shutdown`.
+    pub fn begin_shutdown(&self) {
+        self.engine.borrow_mut().shutdown();
+        self.drain();
+        self.flush_submissions();
+    }
+
     /// No request and no metadata I/O in flight.
     pub fn idle(&self) -> bool {
         self.requests.borrow().is_empty()

@@ -293,10 +293,12 @@ pub fn run(config: ServeConfig) -> Result<(), String> {
             let _ = accepter.await;
         }
         backend.flush_submissions();
-        if let Some(mirror) = &mirror {
-            // Let metadata writes still in flight (journal, activity log) finish.
+                if let Some(mirror) = &mirror {
+            // A final sync point, then the activity log without what is durable, then
+            // let metadata writes still in flight (journal, activity log) finish.
+            mirror.begin_shutdown();
             for _ in 0..50 {
-                if mirror.idle() {
+                if mirror.idle() && mirror.with_engine(|e| e.shutdown_complete()) {
                     break;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(TICK_MS)).await;

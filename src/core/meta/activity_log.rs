@@ -338,6 +338,32 @@ impl ActivityLog {
         if !changed {
             return None;
         }
+        Some(self.commit(next))
+    }
+
+    /// Builds a record keeping only the pinned extents: every unpinned extent's writes
+    /// are durable on both sides (or their bits in the journal), so it may go cold. Used
+    /// on a clean stop, so a restart does not resync what is already in sync. `None` if
+    /// nothing would change.
+    pub fn build_cooled(&mut self) -> Option<(u64, usize, Vec<u32>)> {
+        assert!(
+            self.in_flight.is_none(),
+            "one AL record in flight at a time"
+        );
+        let next: BTreeSet<u32> = self
+            .current
+            .keys()
+            .copied()
+            .filter(|e| self.pins.contains_key(e))
+            .collect();
+        if next.len() == self.current.len() && self.durable.len() == next.len() {
+            return None;
+        }
+        Some(self.commit(next))
+    }
+
+    /// Makes `next` the hot set and the record in flight.
+    fn commit(&mut self, next: BTreeSet<u32>) -> (u64, usize, Vec<u32>) {
         assert!(next.len() <= self.slot_count as usize);
         self.tick += 1;
         let tick = self.tick;
@@ -354,7 +380,7 @@ impl ActivityLog {
             extents: next.clone(),
         });
         self.transactions += 1;
-        Some((sequence, slot, next.into_iter().collect()))
+        (sequence, slot, next.into_iter().collect())
     }
 
     /// The record with `sequence` is durable.

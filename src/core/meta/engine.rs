@@ -285,6 +285,8 @@ pub struct MetaEngine {
     completed_unflushed: Vec<Purpose>,
     flush_in_flight: Option<(MetaIoId, Vec<Purpose>)>,
     flushes: u64,
+    /// A clean stop asked for an activity-log record without the unpinned extents.
+    cool_requested: bool,
 }
 
 impl MetaEngine {
@@ -382,6 +384,7 @@ impl MetaEngine {
             completed_unflushed: Vec::new(),
             flush_in_flight: None,
             flushes: 0,
+            cool_requested: false,
         }
     }
 
@@ -843,6 +846,37 @@ impl MetaEngine {
         }
     }
 
+    /// Asks for an activity-log record with only the pinned extents (a clean stop: what
+    /// is durable everywhere need not be resynced after a restart). Written as soon as no
+    /// other record is in flight and no write waits for a slot.
+    pub fn cool_activity_log(&mut self) {
+        self.cool_requested = true;
+        self.try_cool();
+    }
+
+    /// A cooling record is requested or in flight.
+    pub fn activity_log_cooling(&self) -> bool {
+        self.cool_requested || self.al.in_flight()
+    }
+
+    fn try_cool(&mut self) {
+        if !self.cool_requested || self.al.in_flight() || !self.al_waiting.is_empty() || self.failed
+        {
+            return;
+        }
+        self.cool_requested = false;
+        if let Some((sequence, slot, extents)) = self.al.build_cooled() {
+            let bytes = activity_log::encode(
+                &self.uuid,
+                self.layout.al_slot_count,
+                &activity_log::AlRecord { sequence, extents },
+            );
+            let offset = self.layout.al.offset + slot as u64 * self.layout.al_record_bytes();
+            let io = self.write_io(offset, bytes, Purpose::ActivityLog { sequence });
+            self.out.push_back(io);
+        }
+    }
+
     fn try_al_transaction(&mut self) {
         if self.al.in_flight() || self.al_waiting.is_empty() || self.failed {
             return;
@@ -935,6 +969,7 @@ impl MetaEngine {
             }
             Purpose::ActivityLog { sequence } => {
                 self.al.record_durable(sequence);
+                self.try_cool();
                 self.admit_al_waiters();
                 self.try_al_transaction();
             }

@@ -198,6 +198,10 @@ pub struct Engine {
     /// Why the last connection could not replicate (split brain, unrelated disks ...).
     pub(super) connect_problem: Option<String>,
     pub(super) role_change: Option<RoleChange>,
+    /// A clean stop is under way (`shutdown`); `cooled` once the activity-log record
+    /// without the unpinned extents has been requested.
+    pub(super) shutting_down: bool,
+    pub(super) cooled: bool,
     /// Writes received from the peer, from arrival to their answer (apply id -> apply).
     pub(super) applies: HashMap<u64, Apply>,
     /// Applies waiting for the resync-target marking to become durable.
@@ -253,6 +257,8 @@ impl Engine {
             peer_last: None,
             connect_problem: None,
             role_change: None,
+            shutting_down: false,
+            cooled: false,
             applies: HashMap::new(),
             held_applies: VecDeque::new(),
             orphaned_resync_reads: BTreeSet::new(),
@@ -778,6 +784,36 @@ impl Engine {
             self.maybe_start_sync(true);
         }
         self.finish_deactivate_if_synced();
+        self.maybe_cool();
+    }
+
+    /// A clean stop: the shell has stopped client I/O and closed (or is closing) the
+    /// peer link. A final sync point makes every completed write durable, then the
+    /// activity log is rewritten without the extents that are durable everywhere, so the
+    /// next start does not resync regions that are in sync. `shutdown_complete` says when
+    /// that is done.
+    pub fn shutdown(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        self.shutting_down = true;
+        self.maybe_start_sync(true);
+        self.pump();
+        self.maybe_cool();
+    }
+
+    fn maybe_cool(&mut self) {
+        if self.shutting_down && !self.cooled && self.sync.is_none() && self.requests.is_empty() {
+            self.cooled = true;
+            self.meta.cool_activity_log();
+            self.pump();
+        }
+    }
+
+    /// The clean stop asked for by `shutdown` has reached the disk (the shell still waits
+    /// for its metadata ring to drain).
+    pub fn shutdown_complete(&self) -> bool {
+        self.cooled && self.sync.is_none() && !self.meta.activity_log_cooling()
     }
 
     fn fail(&mut self, error: MetaError) {

@@ -353,6 +353,18 @@ impl Executor {
         Ok(Some(rx))
     }
 
+    /// A clean stop (client I/O stopped, link closed): final sync point, then the
+    /// activity log is cooled (see `Engine::shutdown`).
+    pub fn begin_shutdown(&self) {
+        self.engine.borrow_mut().shutdown();
+        self.drain();
+        self.flush_submissions();
+    }
+
+    pub fn shutdown_complete(&self) -> bool {
+        self.engine.borrow().shutdown_complete()
+    }
+
     /// `rebuild --full --from <this node>`.
     pub fn start_full_sync(&self) -> Result<(), String> {
         let result = self.engine.borrow_mut().start_full_sync(random_u64());

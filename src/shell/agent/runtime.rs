@@ -531,12 +531,14 @@ impl MirrorRuntime {
     /// make everything durable.
     pub async fn shutdown(&self) {
         self.link.shutdown().await;
+        self.executor.begin_shutdown();
         let deadline = self.clock.now_ms() + SHUTDOWN_IDLE_TIMEOUT_MS;
-        while !self.executor.idle() && self.clock.now_ms() < deadline {
+        let done = |e: &Executor| e.idle() && e.shutdown_complete();
+        while !done(&self.executor) && self.clock.now_ms() < deadline {
             tokio::time::sleep(Duration::from_millis(TICK_MS)).await;
             self.executor.tick();
         }
-        if !self.executor.idle() {
+        if !done(&self.executor) {
             warn!(
                 mirror = self.name,
                 "in-flight I/O did not finish before shutdown"
