@@ -356,12 +356,18 @@ fn address(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-/// No two listeners anywhere in the cluster may share an address: two agents on one
-/// machine (tests, the demo) would otherwise fight over it.
+/// No two listeners of one node may share an address. Different nodes may: two
+/// servers both exporting on 127.0.0.1:10809 is the normal case. (Two agents on one
+/// machine then need distinct ports; the bind at start-up reports a clash clearly.)
 fn check_unique_addresses(mirrors: &[Mirror]) -> Result<(), ConfigError> {
-    let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
-    for mirror in mirrors {
-        for (node, side) in &mirror.sides {
+    let nodes: std::collections::BTreeSet<&String> =
+        mirrors.iter().flat_map(|m| m.sides.keys()).collect();
+    for node in nodes {
+        let mut seen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        for mirror in mirrors {
+            let Some(side) = mirror.sides.get(node) else {
+                continue;
+            };
             let listeners = side
                 .replication
                 .iter()
@@ -513,8 +519,17 @@ nbd_listen = "127.0.0.2:10809"
     }
 
     #[test]
-    fn reused_address_refused() {
-        let e = with("127.0.0.2:10809", "127.0.0.1:10809").unwrap_err();
+    fn same_export_address_on_both_nodes_is_fine() {
+        assert!(with("127.0.0.2:10809", "127.0.0.1:10809").is_ok());
+    }
+
+    #[test]
+    fn reused_address_on_one_node_refused() {
+        let e = with(
+            "nbd_listen = \"127.0.0.1:10809\"",
+            "nbd_listen = \"10.0.0.1:7789\"",
+        )
+        .unwrap_err();
         assert!(e.reason.contains("already used"), "{e}");
     }
 

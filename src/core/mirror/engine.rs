@@ -963,6 +963,15 @@ impl Engine {
             return Err(format!("the disk has failed: {reason}"));
         }
         let connected = self.link.as_ref().is_some_and(|c| c.is_replicating());
+        if !connected && self.link.is_some() && !forced {
+            let why = self
+                .connect_problem
+                .clone()
+                .unwrap_or_else(|| "the connection is still being set up".into());
+            return Err(format!(
+                "the peer is connected but the mirror is not replicating ({why})"
+            ));
+        }
         if connected {
             let peer = self.link.as_ref().expect("connected").peer;
             if peer.role == Role::Primary {
