@@ -193,7 +193,8 @@ impl MirrorExport {
             Action::Send { .. }
             | Action::DropLink { .. }
             | Action::Release(_)
-            | Action::RoleChanged { .. } => {
+            | Action::RoleChanged { .. }
+            | Action::Digest { .. } => {
                 unreachable!("serve has no peer and changes no roles: {action:?}")
             }
             Action::Meta(io) => self.execute_meta(io),

@@ -141,9 +141,13 @@ impl Flags {
     pub const RESYNC_IN_PROGRESS: Flags = Flags(1 << 4);
     /// The next sync must be a full copy (set at create; DRBD MDF_FULL_SYNC).
     pub const FULL_SYNC_REQUIRED: Flags = Flags(1 << 5);
+    /// The operator resolved a split brain by giving up this side's changes
+    /// (`mirrorctl resolve --discard-local`): at the next connect this side becomes the
+    /// resync target. Cleared when that resync starts.
+    pub const DISCARD_LOCAL: Flags = Flags(1 << 6);
 
     /// Every bit version 1 defines.
-    pub const ALL: Flags = Flags((1 << 6) - 1);
+    pub const ALL: Flags = Flags((1 << 7) - 1);
 
     pub const fn empty() -> Flags {
         Flags(0)
@@ -181,6 +185,7 @@ impl Flags {
             (Flags::CRASHED_PRIMARY, "crashed-primary"),
             (Flags::PEER_OUTDATED, "peer-outdated"),
             (Flags::FORCED, "forced"),
+            (Flags::DISCARD_LOCAL, "discard-local"),
             (Flags::RESYNC_IN_PROGRESS, "resync-in-progress"),
             (Flags::FULL_SYNC_REQUIRED, "full-sync-required"),
         ];
@@ -248,7 +253,7 @@ mod tests {
         }
         assert_eq!(DiskState::from_u32(0), None);
         assert_eq!(Role::from_u32(3), None);
-        assert_eq!(Flags::from_bits(1 << 6), None);
+        assert_eq!(Flags::from_bits(1 << 7), None);
         assert_eq!(Flags::from_bits(Flags::ALL.bits()), Some(Flags::ALL));
     }
 }

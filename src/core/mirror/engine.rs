@@ -36,6 +36,7 @@ use crate::core::repl::wire::NodeState;
 
 use super::peer::{Apply, Conn, LinkStatus};
 use super::types::{Action, ClientOp, DataRef, DiskOp, DiskOpId, ReqId};
+use super::verify::{ServeVerify, VerifyStatus};
 
 /// Lock and metadata-write ids of client requests are their `ReqId`s (below this);
 /// peer applies and resync reads take ids from this point up, so the spaces never meet.
@@ -77,6 +78,19 @@ pub struct EngineStats {
     pub link_losses: u64,
 }
 
+/// What to do when both sides wrote after parting (DRBD's after-sb-0pri). Off by
+/// default: a split brain is reported and nothing moves until the operator resolves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitBrainPolicy {
+    /// Report, disconnect, wait for `mirrorctl resolve`.
+    #[default]
+    Disconnect,
+    /// If exactly one side has no changes since parting (an empty journal), it gives
+    /// them up — it has none — and resyncs from the other.
+    DiscardZeroChanges,
+}
+
 /// The peer as last heard of.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PeerStatus {
@@ -98,6 +112,7 @@ pub struct EngineStatus {
     /// Why the mirror does not replicate, if it does not (split brain, waiting...).
     pub problem: Option<String>,
     pub link: Option<LinkStatus>,
+    pub verify: Option<VerifyStatus>,
     pub peer: Option<PeerStatus>,
     pub dirty_bytes: u64,
     pub stats: EngineStats,
@@ -141,6 +156,12 @@ pub(super) enum DiskPurpose {
     PeerFlush(u64),
     /// A resync read on the sync source (resync op key).
     ResyncRead(u64),
+    /// Digests for our own verify (verify op key).
+    Digest(u64),
+    /// Digests the peer asked for (serving id).
+    DigestServe(u64),
+    /// Digests whose verify went away with its connection.
+    DigestOrphan,
 }
 
 #[derive(Debug)]
@@ -198,6 +219,12 @@ pub struct Engine {
     /// Why the last connection could not replicate (split brain, unrelated disks ...).
     pub(super) connect_problem: Option<String>,
     pub(super) role_change: Option<RoleChange>,
+    /// Verify requests from the peer being served (id -> request).
+    pub(super) verify_serving: HashMap<u64, ServeVerify>,
+    /// The outcome of the last verify, once it ended.
+    pub(super) last_verify: Option<VerifyStatus>,
+    /// What to do when the generation rules find a split brain.
+    pub(super) split_brain_policy: SplitBrainPolicy,
     /// A clean stop is under way (`shutdown`); `cooled` once the activity-log record
     /// without the unpinned extents has been requested.
     pub(super) shutting_down: bool,
@@ -257,6 +284,9 @@ impl Engine {
             peer_last: None,
             connect_problem: None,
             role_change: None,
+            verify_serving: HashMap::new(),
+            last_verify: None,
+            split_brain_policy: SplitBrainPolicy::Disconnect,
             shutting_down: false,
             cooled: false,
             applies: HashMap::new(),
@@ -335,6 +365,7 @@ impl Engine {
             failure: self.failed.clone(),
             problem: self.connect_problem.clone(),
             link: self.link_status(),
+            verify: self.verify_status(),
             peer: self.peer_last.map(|(s, at)| PeerStatus {
                 role: s.role,
                 disk_state: s.disk_state,
@@ -345,6 +376,10 @@ impl Engine {
             stats: self.stats(),
             meta: self.meta.stats(),
         }
+    }
+
+    pub fn set_split_brain_policy(&mut self, policy: SplitBrainPolicy) {
+        self.split_brain_policy = policy;
     }
 
     /// The epoch to propose in the next handshake.
@@ -455,6 +490,9 @@ impl Engine {
             DiskPurpose::Apply(apply) => self.apply_disk_done(apply, result),
             DiskPurpose::PeerFlush(seq) => self.peer_flush_done(seq, result),
             DiskPurpose::ResyncRead(key) => self.resync_read_done(key, result),
+            DiskPurpose::Digest(_) | DiskPurpose::DigestServe(_) | DiskPurpose::DigestOrphan => {
+                panic!("digest ops complete through handle_digests")
+            }
         }
         self.pump();
     }
@@ -914,6 +952,9 @@ impl Engine {
                 progress = true;
             }
             if self.resync_step() {
+                progress = true;
+            }
+            if self.verify_step() {
                 progress = true;
             }
             if !progress {

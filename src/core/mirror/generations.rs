@@ -910,6 +910,7 @@ pub fn finish_resync_as_source(g: &mut Generations, flags: &mut Flags, role: Rol
 pub fn settle_flags(flags: &mut Flags, role: Role) {
     for done in [
         Flags::FULL_SYNC_REQUIRED,
+        Flags::DISCARD_LOCAL,
         Flags::FORCED,
         Flags::RESYNC_IN_PROGRESS,
         Flags::PEER_OUTDATED,

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod generations;
 pub mod peer;
 pub mod types;
+pub mod verify;
 
 pub use engine::{Engine, EngineConfig, EngineStats, EngineStatus, PeerStatus};
 pub use generations::{Decision, decide};

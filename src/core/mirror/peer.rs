@@ -17,9 +17,10 @@ use crate::core::nbd::wire::Errno;
 use crate::core::overlap::{Acquire, ByteRange};
 use crate::core::repl::wire::NodeState;
 
-use super::engine::{DiskPurpose, Engine};
+use super::engine::{DiskPurpose, Engine, SplitBrainPolicy};
 use super::generations::{self, Decision, NodeView, Outcome, Resync, Side};
 use super::types::{Action, ClientOp, DataRef, PeerDataId, PeerMsg, ReqId, ResyncBufId};
+use super::verify::VerifySource;
 
 /// Bytes of serialized bitmap per BitmapChunk frame (the wire allows up to 1 MiB).
 pub const BITMAP_CHUNK_BYTES: usize = 1 << 20;
@@ -74,6 +75,8 @@ pub(super) struct Conn {
     pub(super) resync: Option<ResyncSource>,
     /// Target: set while a resync towards us runs.
     target: Option<TargetState>,
+    /// Set while this node runs an online verify.
+    pub(super) verify: Option<VerifySource>,
 }
 
 impl Conn {
@@ -95,6 +98,7 @@ impl Conn {
             flush_covers: HashMap::new(),
             resync: None,
             target: None,
+            verify: None,
         }
     }
 
@@ -108,7 +112,11 @@ impl Conn {
             && (!self.tlog.is_empty() || self.resync.as_ref().is_some_and(|r| !r.acked.is_empty()))
     }
 
-    fn take_seq(&mut self) -> u64 {
+    pub(super) fn has_target(&self) -> bool {
+        self.target.is_some()
+    }
+
+    pub(super) fn take_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         seq
@@ -220,7 +228,7 @@ impl Engine {
         self.link.as_ref().filter(|c| c.is_replicating())
     }
 
-    fn send(&mut self, msg: PeerMsg, data: Option<DataRef>) {
+    pub(super) fn send(&mut self, msg: PeerMsg, data: Option<DataRef>) {
         if self.link.as_ref().is_some_and(|c| !c.dropping) {
             self.actions.push_back(Action::Send { msg, data });
         } else if let Some(data @ DataRef::Resync(_)) = data {
@@ -371,7 +379,9 @@ impl Engine {
         self.pump();
     }
 
-    fn link_lost_cleanup(&mut self, conn: Conn) {
+    fn link_lost_cleanup(&mut self, mut conn: Conn) {
+        let verify = conn.verify.take();
+        self.verify_link_lost(verify);
         for (_, (req, _)) in conn.awaiting {
             self.peer_write_settled(req, None);
         }
@@ -450,6 +460,10 @@ impl Engine {
             PeerMsg::FlushAck { seq } => self.peer_flush_acked(seq),
             PeerMsg::ResyncAck { seq } => self.resync_acked(seq),
             PeerMsg::ResyncDone { .. } => self.finish_target(),
+            PeerMsg::VerifyRequest { seq, range } if in_bounds(range) => {
+                self.serve_verify(seq, range)
+            }
+            PeerMsg::VerifyReply { seq, digests } => self.verify_reply(seq, digests),
             PeerMsg::BitmapChunk {
                 offset,
                 bytes,
@@ -546,6 +560,34 @@ impl Engine {
                     self.meta.update_superblock(|s| s.flags = settled);
                 }
                 self.start_replicating();
+            }
+            Outcome::SplitBrain { resolve_full } => {
+                let local = self.local_view();
+                let peer_state = self.conn().peer;
+                let peer = self.peer_view(&peer_state);
+                let ours = local.flags.contains(Flags::DISCARD_LOCAL);
+                let theirs = peer.flags.contains(Flags::DISCARD_LOCAL);
+                let zero_changes = self.split_brain_policy == SplitBrainPolicy::DiscardZeroChanges;
+                let (we_discard, they_discard) = match (ours, theirs) {
+                    (true, false) => (true, false),
+                    (false, true) => (false, true),
+                    (false, false) if zero_changes && !local.dirty && peer.dirty => (true, false),
+                    (false, false) if zero_changes && local.dirty && !peer.dirty => (false, true),
+                    _ => (false, false),
+                };
+                if we_discard && self.role() != Role::Primary {
+                    return self.start_target(resolve_full);
+                }
+                if they_discard && peer.role != Role::Primary {
+                    return self.start_source(resolve_full, peer_bits);
+                }
+                let how = if ours && theirs {
+                    "both sides asked to discard their changes; clear it on one side"
+                } else {
+                    "resolve it with `mirrorctl resolve MIRROR --discard-local` on the side whose changes are to be dropped"
+                };
+                self.connect_problem = Some(format!("split brain: {decision}; {how}"));
+                self.drop_link(format!("split brain: {decision}"));
             }
             Outcome::BothJustCreated => {
                 self.conn().phase = ConnPhase::WaitingForOperator;
@@ -656,6 +698,7 @@ impl Engine {
             result =
                 generations::start_resync_as_target(&mut s.generations, &mut s.flags, sync, full);
             s.disk_state = DiskState::Inconsistent;
+            s.flags.remove(Flags::DISCARD_LOCAL);
         });
         match result {
             Ok(()) => {
@@ -687,6 +730,19 @@ impl Engine {
                 self.act_on(decision, RoaringBitmap::new());
             }
             ConnPhase::Replicating => {
+                // A source that was in sync with us started a resync (after a verify):
+                // its State names a sync generation over the current we share.
+                let ours = self.generations().current;
+                let sync = state.generations.bitmap;
+                let conn = self.conn();
+                let idle = conn.target.is_none() && conn.resync.is_none();
+                if idle
+                    && state.generations.current == ours
+                    && sync != meta::generation::GENERATION_NONE
+                    && sync != ours
+                {
+                    self.start_target(false);
+                }
                 self.maybe_adopt_sync_generation(&state);
                 self.maybe_finish_source(&state);
             }
@@ -918,6 +974,10 @@ impl Engine {
             self.apply_locked(id);
         } else if self.orphaned_resync_locks.remove(&id) {
             self.release_lock(id);
+        } else if self.verify_serving.contains_key(&id) {
+            self.serve_verify_locked(id);
+        } else if self.is_verify_op(id) {
+            self.verify_locked(id);
         } else {
             self.resync_locked(id);
         }
@@ -1307,6 +1367,55 @@ impl Engine {
         let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
         self.act_on(decision, RoaringBitmap::new());
         self.send_state();
+        self.pump();
+        Ok(())
+    }
+
+    /// Operator, after a split brain: give up this side's changes. Persisted (the
+    /// DISCARD_LOCAL flag), so at the next connect — even after a restart — this side
+    /// becomes the resync target of a differential copy over both journals.
+    pub fn resolve_discard_local(&mut self) -> Result<(), String> {
+        if self.link.as_ref().is_some_and(|c| c.is_replicating()) {
+            return Err(
+                "the mirror is connected and replicating: there is no split brain to resolve"
+                    .into(),
+            );
+        }
+        if self.role() == Role::Primary {
+            return Err("this node is active: deactivate it before discarding its changes".into());
+        }
+        self.meta
+            .update_superblock(|s| s.flags.insert(Flags::DISCARD_LOCAL));
+        self.connect_problem = Some(
+            "split brain resolution pending: this side will give up its changes when it reconnects"
+                .into(),
+        );
+        self.pump();
+        Ok(())
+    }
+
+    /// Operator: copy what is marked dirty now (e.g. what a verify found) to the peer,
+    /// while connected; the same resync as after a reconnect, differential.
+    pub fn start_differential_rebuild(&mut self) -> Result<(), String> {
+        let role = self.role();
+        let Some(conn) = self.link.as_ref().filter(|c| c.is_replicating()) else {
+            return Err("the mirror is not connected and replicating".into());
+        };
+        if conn.resync.is_some() || conn.target.is_some() {
+            return Err("a resync is already running".into());
+        }
+        if conn.verify.is_some() {
+            return Err("a verify is running: rebuild after it finishes".into());
+        }
+        if role == Role::Secondary && conn.peer.role == Role::Primary {
+            return Err(
+                "run rebuild on the active node: it copies from the node it runs on".into(),
+            );
+        }
+        if self.meta.dirty_bitmap().is_empty() {
+            return Err("nothing is marked dirty: the disks are in sync".into());
+        }
+        self.start_source(false, RoaringBitmap::new());
         self.pump();
         Ok(())
     }

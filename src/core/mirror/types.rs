@@ -126,6 +126,16 @@ pub enum PeerMsg {
     ResyncDone {
         seq: u64,
     },
+    /// Online verify: hash `range` region by region and answer VerifyReply.
+    VerifyRequest {
+        seq: u64,
+        range: ByteRange,
+    },
+    /// The per-region digests of a VerifyRequest's range, in region order.
+    VerifyReply {
+        seq: u64,
+        digests: Vec<[u8; 32]>,
+    },
     /// A chunk of the sender's serialized dirty bitmap (roaring portable format).
     BitmapChunk {
         offset: u64,
@@ -159,6 +169,13 @@ pub enum Action {
     DropLink { reason: String },
     /// The engine no longer needs this resync buffer; free it.
     Release(DataRef),
+    /// Read `range` of the local data partition and hash it, one SHA-256 digest per
+    /// `region_bytes`; report with `handle_digests(id, ..)` (online verify).
+    Digest {
+        id: DiskOpId,
+        range: ByteRange,
+        region_bytes: u32,
+    },
     /// The outcome of an `activate`/`deactivate` request.
     RoleChanged { result: Result<(), String> },
 }

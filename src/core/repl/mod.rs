@@ -64,6 +64,14 @@ pub const REFUSE_MESSAGE_BYTES_MAX: usize = 1024;
 /// still only a few hundred frames.
 pub const BITMAP_CHUNK_BYTES_MAX: u32 = MIB as u32;
 
+/// Bytes of one online-verify digest: SHA-256, far wider than the crc32c that guards
+/// frames, so two different regions practically never compare equal.
+pub const VERIFY_DIGEST_BYTES: u32 = 32;
+
+/// Largest VerifyReply payload: 2048 digests, a 8 MiB range at the 4 KiB default
+/// granularity (the engine asks for 1 MiB at a time).
+pub const VERIFY_REPLY_BYTES_MAX: u32 = 2048 * VERIFY_DIGEST_BYTES;
+
 /// Default handshake deadline: from connect (or accept) to Established. The exchange is
 /// three round trips of small frames, so 10 s only expires when the peer is stuck or
 /// hostile; the shell then drops the connection and reconnects with backoff.

@@ -11,7 +11,7 @@
 
 use super::{
     AUTH_PROOF_BYTES, BITMAP_CHUNK_BYTES_MAX, NONCE_BYTES, PROTOCOL_VERSION_MIN,
-    REFUSE_MESSAGE_BYTES_MAX,
+    REFUSE_MESSAGE_BYTES_MAX, VERIFY_DIGEST_BYTES, VERIFY_REPLY_BYTES_MAX,
 };
 use crate::constants::NBD_PAYLOAD_BYTES_MAX;
 use crate::core::meta::{DiskState, Flags, Generations, Role};
@@ -80,6 +80,10 @@ pub enum FrameType {
     /// records the finish, then answers with State.
     ResyncDone,
     BitmapChunk,
+    /// Online verify: hash the range and answer with per-region digests.
+    VerifyRequest,
+    /// The digests (SHA-256, one per region of the bitmap granularity) of a range.
+    VerifyReply,
 }
 
 /// Which header fields a frame type gives meaning to; the others must be zero.
@@ -103,7 +107,7 @@ type PayloadBounds = (u32, u32);
 
 impl FrameType {
     /// Every type, for exhaustive tests.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::Hello,
         FrameType::Auth,
         FrameType::Refuse,
@@ -121,6 +125,8 @@ impl FrameType {
         FrameType::ResyncAck,
         FrameType::ResyncDone,
         FrameType::BitmapChunk,
+        FrameType::VerifyRequest,
+        FrameType::VerifyReply,
     ];
 
     /// The type code on the wire.
@@ -143,6 +149,8 @@ impl FrameType {
             FrameType::ResyncAck => 49,
             FrameType::BitmapChunk => 50,
             FrameType::ResyncDone => 51,
+            FrameType::VerifyRequest => 52,
+            FrameType::VerifyReply => 53,
         }
     }
 
@@ -169,6 +177,8 @@ impl FrameType {
             FrameType::ResyncData => "ResyncData",
             FrameType::ResyncAck => "ResyncAck",
             FrameType::ResyncDone => "ResyncDone",
+            FrameType::VerifyRequest => "VerifyRequest",
+            FrameType::VerifyReply => "VerifyReply",
             FrameType::BitmapChunk => "BitmapChunk",
         }
     }
@@ -179,7 +189,7 @@ impl FrameType {
                 Fields::PayloadOnly
             }
             FrameType::Write | FrameType::ResyncData => Fields::Data,
-            FrameType::WriteZeroes | FrameType::Trim => Fields::Range,
+            FrameType::WriteZeroes | FrameType::Trim | FrameType::VerifyRequest => Fields::Range,
             FrameType::Flush
             | FrameType::Ack
             | FrameType::Nack
@@ -187,7 +197,8 @@ impl FrameType {
             | FrameType::KeepAlive
             | FrameType::KeepAliveAck
             | FrameType::ResyncAck
-            | FrameType::ResyncDone => Fields::Seq,
+            | FrameType::ResyncDone
+            | FrameType::VerifyReply => Fields::Seq,
             FrameType::BitmapChunk => Fields::Offset,
         }
     }
@@ -210,6 +221,7 @@ impl FrameType {
             FrameType::Write | FrameType::ResyncData => (1, NBD_PAYLOAD_BYTES_MAX),
             FrameType::Nack => (NACK_PAYLOAD_BYTES, NACK_PAYLOAD_BYTES),
             FrameType::BitmapChunk => (1, BITMAP_CHUNK_BYTES_MAX),
+            FrameType::VerifyReply => (VERIFY_DIGEST_BYTES, VERIFY_REPLY_BYTES_MAX),
             FrameType::WriteZeroes
             | FrameType::Trim
             | FrameType::Flush
@@ -218,7 +230,8 @@ impl FrameType {
             | FrameType::KeepAlive
             | FrameType::KeepAliveAck
             | FrameType::ResyncAck
-            | FrameType::ResyncDone => (0, 0),
+            | FrameType::ResyncDone
+            | FrameType::VerifyRequest => (0, 0),
         }
     }
 }
@@ -692,6 +705,16 @@ pub enum Frame<'a> {
     ResyncDone {
         seq: u64,
     },
+    VerifyRequest {
+        seq: u64,
+        offset: u64,
+        length: u32,
+    },
+    /// `digests` is a whole number of `VERIFY_DIGEST_BYTES` digests.
+    VerifyReply {
+        seq: u64,
+        digests: &'a [u8],
+    },
     /// A chunk of a serialized roaring bitmap (dirty-bitmap exchange), at byte `offset`
     /// of the serialization; `last` on the final chunk.
     BitmapChunk {
@@ -720,6 +743,8 @@ impl Frame<'_> {
             Frame::ResyncData { .. } => FrameType::ResyncData,
             Frame::ResyncAck { .. } => FrameType::ResyncAck,
             Frame::ResyncDone { .. } => FrameType::ResyncDone,
+            Frame::VerifyRequest { .. } => FrameType::VerifyRequest,
+            Frame::VerifyReply { .. } => FrameType::VerifyReply,
             Frame::BitmapChunk { .. } => FrameType::BitmapChunk,
         }
     }
@@ -894,6 +919,23 @@ fn parse_payload<'a>(header: &FrameHeader, payload: &'a [u8]) -> Result<Frame<'a
         },
         FrameType::ResyncAck => Frame::ResyncAck { seq },
         FrameType::ResyncDone => Frame::ResyncDone { seq },
+        FrameType::VerifyRequest => Frame::VerifyRequest {
+            seq,
+            offset,
+            length,
+        },
+        FrameType::VerifyReply => {
+            if !payload.len().is_multiple_of(VERIFY_DIGEST_BYTES as usize) {
+                return Err(FrameError::Malformed {
+                    kind: FrameType::VerifyReply,
+                    reason: "not a whole number of digests",
+                });
+            }
+            Frame::VerifyReply {
+                seq,
+                digests: payload,
+            }
+        }
         FrameType::BitmapChunk => Frame::BitmapChunk {
             offset,
             last: header.flags & frame_flag::LAST != 0,
@@ -969,6 +1011,27 @@ fn fields_and_payload(frame: &Frame<'_>) -> (Fields64, Vec<u8>) {
         } => (data_fields(seq, offset, fua, data), data.to_vec()),
         Frame::ResyncData { seq, offset, data } => {
             (data_fields(seq, offset, false, data), data.to_vec())
+        }
+        Frame::VerifyRequest {
+            seq,
+            offset,
+            length,
+        } => {
+            let fields = Fields64 {
+                flags: 0,
+                seq,
+                offset,
+                length,
+            };
+            (fields, Vec::new())
+        }
+        Frame::VerifyReply { seq, digests } => {
+            assert!(
+                !digests.is_empty() && digests.len() % VERIFY_DIGEST_BYTES as usize == 0,
+                "VerifyReply of {} bytes",
+                digests.len()
+            );
+            (plain(seq), digests.to_vec())
         }
         Frame::WriteZeroes {
             seq,
@@ -1338,7 +1401,7 @@ mod tests {
 
     #[test]
     fn unknown_type() {
-        for code in [0u16, 5, 15, 23, 34, 52, 0xFFFF] {
+        for code in [0u16, 5, 15, 23, 34, 54, 0xFFFF] {
             let mut bytes = ack();
             put_u16(&mut bytes, OFF_TYPE, code);
             reseal(&mut bytes);
@@ -1789,6 +1852,19 @@ mod tests {
                 },
                 14 => Frame::ResyncAck { seq },
                 15 => Frame::ResyncDone { seq },
+                16 => Frame::VerifyRequest {
+                    seq,
+                    offset: range_offset,
+                    length,
+                },
+                17 => Frame::VerifyReply {
+                    seq,
+                    digests: if data.len() >= 32 {
+                        &data[..data.len() / 32 * 32]
+                    } else {
+                        &self.proof[..]
+                    },
+                },
                 _ => Frame::BitmapChunk {
                     offset: data_offset,
                     last: fua,
@@ -1848,7 +1924,7 @@ mod tests {
 
     fn sample_strategy() -> impl Strategy<Value = Sample> {
         (
-            (0usize..17, any::<u64>(), any::<u64>(), any::<u64>()),
+            (0usize..19, any::<u64>(), any::<u64>(), any::<u64>()),
             (any::<u32>(), any::<bool>(), any::<u32>()),
             prop::collection::vec(any::<u8>(), 1..300),
             "\\PC{0,60}",

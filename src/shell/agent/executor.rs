@@ -68,6 +68,10 @@ enum Owner {
     Nothing,
     Request(ReqId),
     Resync(u64),
+    /// A verify read: hashed per region on completion, reported with handle_digests.
+    Digest {
+        region_bytes: u32,
+    },
 }
 
 #[derive(Debug)]
@@ -429,6 +433,19 @@ impl Executor {
                     (Owner::Resync(key), Some(data)) => {
                         self.resync_bufs.borrow_mut().insert(key, data);
                     }
+                    (Owner::Digest { region_bytes }, data) => {
+                        let digests = result.map(|()| {
+                            let bytes = data
+                                .as_ref()
+                                .expect("a successful read has data")
+                                .as_slice();
+                            region_digests(bytes, region_bytes as usize)
+                        });
+                        self.engine
+                            .borrow_mut()
+                            .handle_digests(DiskOpId(id), digests);
+                        return;
+                    }
                     _ => {}
                 }
                 self.engine
@@ -462,6 +479,31 @@ impl Executor {
                 pending.sink.complete(pending.tag, result, pending.read);
             }
             Action::Send { msg, data } => self.send(msg, data),
+            Action::Digest {
+                id,
+                range,
+                region_bytes,
+            } => {
+                let length = range.length() as u32;
+                let layout = self.volume.layout(range.start(), length);
+                let request = BlockRequest::Read {
+                    offset: range.start(),
+                    length,
+                    buf: self.get_buf(layout.buf_bytes),
+                };
+                self.disk_ops
+                    .borrow_mut()
+                    .insert(id.0, Owner::Digest { region_bytes });
+                let sink: Rc<dyn IoSink> = self.me.upgrade().expect("the executor is alive");
+                self.volume.submit(
+                    request,
+                    ReplyTag {
+                        cookie: id.0,
+                        is_read: true,
+                    },
+                    sink,
+                );
+            }
             Action::DropLink { reason } => {
                 if let Some(link) = self.link.borrow().as_ref() {
                     info!(
@@ -882,4 +924,13 @@ impl Backend for Executor {
     fn flush_submissions(&self) {
         Executor::flush_submissions(self);
     }
+}
+
+/// One SHA-256 digest per `region_bytes` of `data` (the last region may be short):
+/// what online verify compares between the nodes.
+fn region_digests(data: &[u8], region_bytes: usize) -> Vec<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    data.chunks(region_bytes)
+        .map(|region| Sha256::digest(region).into())
+        .collect()
 }

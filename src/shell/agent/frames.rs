@@ -84,6 +84,21 @@ pub fn inbound(frame: &Frame<'_>) -> Result<Inbound, String> {
         },
         Frame::ResyncAck { seq } => PeerMsg::ResyncAck { seq },
         Frame::ResyncDone { seq } => PeerMsg::ResyncDone { seq },
+        Frame::VerifyRequest {
+            seq,
+            offset,
+            length,
+        } => PeerMsg::VerifyRequest {
+            seq,
+            range: range(offset, u64::from(length))?,
+        },
+        Frame::VerifyReply { seq, digests } => PeerMsg::VerifyReply {
+            seq,
+            digests: digests
+                .chunks_exact(32)
+                .map(|d| d.try_into().expect("32-byte chunks"))
+                .collect(),
+        },
         Frame::BitmapChunk {
             offset,
             last,
@@ -108,6 +123,7 @@ pub fn encode_control(msg: &PeerMsg, epoch: u64, out: &mut Vec<u8>) {
     let length32 = |range: &ByteRange| {
         u32::try_from(range.length()).expect("a replicated request fits the NBD length")
     };
+    let flat: Vec<u8>;
     let frame = match msg {
         PeerMsg::State(state) => Frame::State(*state),
         PeerMsg::WriteZeroes { seq, range, fua } => Frame::WriteZeroes {
@@ -125,6 +141,18 @@ pub fn encode_control(msg: &PeerMsg, epoch: u64, out: &mut Vec<u8>) {
         PeerMsg::FlushAck { seq } => Frame::FlushAck { seq: *seq },
         PeerMsg::ResyncAck { seq } => Frame::ResyncAck { seq: *seq },
         PeerMsg::ResyncDone { seq } => Frame::ResyncDone { seq: *seq },
+        PeerMsg::VerifyRequest { seq, range } => Frame::VerifyRequest {
+            seq: *seq,
+            offset: range.start(),
+            length: length32(range),
+        },
+        PeerMsg::VerifyReply { seq, digests } => {
+            flat = digests.concat();
+            Frame::VerifyReply {
+                seq: *seq,
+                digests: &flat,
+            }
+        }
         PeerMsg::BitmapChunk {
             offset,
             bytes,
