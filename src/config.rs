@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::core::mirror::engine::SplitBrainPolicy;
+
 /// Most mirror-connect paths per mirror (DESIGN §5: up to two networks).
 pub const REPLICATION_PATHS_MAX: usize = 2;
 /// Mirror and node names appear in paths, logs and the superblock (64 bytes there).
@@ -57,6 +59,12 @@ pub struct Mirror {
     /// How long the peer may leave a write unacknowledged before it is treated as
     /// failed (DRBD's ko-count × timeout).
     pub peer_timeout_ms: u64,
+    /// What to do when the generation rules find a split brain (DRBD's
+    /// after-sb-0pri): disconnect (the default) or discard the side with no changes.
+    pub after_split_brain: SplitBrainPolicy,
+    /// Run (bounded by a timeout) once per split-brain occurrence, on each node that
+    /// detects it. An absolute path.
+    pub split_brain_hook: Option<PathBuf>,
     /// Per node: its devices and addresses for this mirror. Exactly the two nodes.
     pub sides: BTreeMap<String, MirrorSide>,
 }
@@ -132,6 +140,10 @@ struct RawMirror {
     resync_rate: Option<String>,
     #[serde(default = "default_peer_timeout_ms")]
     peer_timeout_ms: u64,
+    #[serde(default)]
+    after_split_brain: SplitBrainPolicy,
+    #[serde(default)]
+    split_brain_hook: Option<PathBuf>,
     #[serde(default)]
     node: BTreeMap<String, RawSide>,
 }
@@ -273,6 +285,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 parse_rate(text).map_err(|reason| error(format!("{field}.resync_rate"), reason))?
             }
         };
+        if let Some(hook) = &mirror.split_brain_hook
+            && !hook.is_absolute()
+        {
+            return Err(error(
+                format!("{field}.split_brain_hook"),
+                format!(
+                    "{:?} must be an absolute path (the agent's working directory is not yours)",
+                    hook.display().to_string()
+                ),
+            ));
+        }
         let mut sides = BTreeMap::new();
         for node in &nodes {
             let side_field = format!("{field}.node.{}", node.name);
@@ -306,6 +329,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             fencing: mirror.fencing,
             resync_rate_bytes_per_s,
             peer_timeout_ms: mirror.peer_timeout_ms,
+            after_split_brain: mirror.after_split_brain,
+            split_brain_hook: mirror.split_brain_hook.clone(),
             sides,
         });
     }
@@ -575,6 +600,61 @@ nbd_listen = "127.0.0.2:10809"
     fn syntax_error_names_the_line() {
         let e = parse("[cluster]\nname = \n").unwrap_err();
         assert!(e.field.starts_with("line "), "{e}");
+    }
+
+    #[test]
+    fn split_brain_keys_default_to_disconnect_and_no_hook() {
+        let config = parse(GOOD).unwrap();
+        let mirror = config.mirror("db").unwrap();
+        assert_eq!(mirror.after_split_brain, SplitBrainPolicy::Disconnect);
+        assert_eq!(mirror.split_brain_hook, None);
+    }
+
+    #[test]
+    fn split_brain_keys_parse() {
+        let config = with(
+            "name = \"db\"",
+            "name = \"db\"\nafter_split_brain = \"discard-zero-changes\"\nsplit_brain_hook = \"/usr/local/bin/sb-alert\"",
+        )
+        .unwrap();
+        let mirror = config.mirror("db").unwrap();
+        assert_eq!(
+            mirror.after_split_brain,
+            SplitBrainPolicy::DiscardZeroChanges
+        );
+        assert_eq!(
+            mirror.split_brain_hook.as_deref(),
+            Some(std::path::Path::new("/usr/local/bin/sb-alert"))
+        );
+        let config = with(
+            "name = \"db\"",
+            "name = \"db\"\nafter_split_brain = \"disconnect\"",
+        )
+        .unwrap();
+        assert_eq!(
+            config.mirror("db").unwrap().after_split_brain,
+            SplitBrainPolicy::Disconnect
+        );
+    }
+
+    #[test]
+    fn unknown_split_brain_policy_refused() {
+        let e = with(
+            "name = \"db\"",
+            "name = \"db\"\nafter_split_brain = \"discard-younger-primary\"",
+        )
+        .unwrap_err();
+        assert!(e.reason.contains("discard-younger-primary"), "{e}");
+    }
+
+    #[test]
+    fn relative_split_brain_hook_refused() {
+        let e = with(
+            "name = \"db\"",
+            "name = \"db\"\nsplit_brain_hook = \"sb.sh\"",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "mirror[0].split_brain_hook");
     }
 
     #[test]

@@ -25,6 +25,16 @@ const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const ROLE_CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `status --watch` refresh interval.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// `verify --wait` polls the status this often.
+const VERIFY_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why forced-permit needs `--yes`: printed when it is missing.
+const FORCED_PERMIT_RISK: &str = "forced-permit makes this node's copy writable although it cannot be proven up to date. \
+If the peer holds newer writes (it was active, or received writes this node never saw), \
+activating here serves older data, and when the nodes reconnect the writes made on both sides \
+since they parted are a split brain: one side's changes will have to be discarded. \
+Use it only when the peer is really down (or its data is to be given up). \
+Repeat the command with --yes to proceed.";
 
 #[derive(Debug, Parser)]
 #[command(name = "mirrorctl", version, about = "Operate mirrordisk mirror sets")]
@@ -119,13 +129,57 @@ enum Command {
         target: Target,
     },
     /// Make the mirror active (exported, writable) on the node: only an UpToDate disk
-    /// whose connected peer is inactive, or with --force a disconnected one.
+    /// whose connected peer is inactive. `--force --yes` is `forced-permit`.
     Activate {
         mirror: String,
-        /// forced-permit: activate although the peer is not connected, so this disk
-        /// cannot be proven up to date (the operator asserts it).
+        /// Same as `forced-permit` (needs --yes too).
         #[arg(long)]
         force: bool,
+        /// Confirm --force (see `forced-permit`).
+        #[arg(long, requires = "force")]
+        yes: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make the mirror active here although this disk cannot be proven up to date (the
+    /// peer is dead or unreachable). Starts a new generation marked "forced"; refused
+    /// while the peer is connected and active. Needs --yes. Logged with who and when.
+    ForcedPermit {
+        mirror: String,
+        /// Confirm: you accept the risk of serving older data and of a split brain.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Resolve a split brain: `--discard-local` on the node whose changes since the
+    /// parting are to be dropped. At the next connect it copies (differentially) from
+    /// the other node. The node must be inactive.
+    Resolve {
+        mirror: String,
+        /// This node gives up its changes (required: the only resolution there is).
+        #[arg(long)]
+        discard_local: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Isolate the peer: close the replication link and stop reconnecting, on the node
+    /// this is sent to (either node; usually the active one). The active node journals
+    /// every write. `mirrorctl rebuild MIRROR` on the same node ends the break and
+    /// resyncs differentially. An agent restart also ends it.
+    Break {
+        mirror: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Compare both sides online by per-region SHA-256 hashes (only hashes cross the
+    /// wire). Run it on the active node (or either when both are inactive): differing
+    /// regions are marked dirty there, and `rebuild` copies them from that node.
+    Verify {
+        mirror: String,
+        /// Wait until the verify ends; print verified bytes and differing regions.
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -136,7 +190,9 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Rebuild (resync) control. `--full --from NODE` copies everything from NODE to
+    /// Rebuild (resync) control. Without flags: end a `break` (reconnect; the resync
+    /// that follows is differential), or, connected, copy the regions marked dirty on
+    /// this node (after `verify`). `--full --from NODE` copies everything from NODE to
     /// the other node (the first copy after `create`); it is sent to NODE's agent.
     Rebuild {
         mirror: String,
@@ -276,17 +332,83 @@ fn run(command: Command) -> Result<String, String> {
         Command::Activate {
             mirror,
             force,
+            yes,
             target,
-        } => ask(
-            &target,
-            None,
-            Request::Activate {
-                mirror,
-                forced: force,
-            },
-            ROLE_CHANGE_TIMEOUT,
-        )
-        .map(|r| r.message.unwrap_or_default()),
+        } => {
+            if force && !yes {
+                return Err(format!(
+                    "activate --force is forced-permit: {FORCED_PERMIT_RISK}"
+                ));
+            }
+            let request = if force {
+                Request::ForcedPermit { mirror }
+            } else {
+                Request::Activate {
+                    mirror,
+                    forced: false,
+                }
+            };
+            ask(&target, None, request, ROLE_CHANGE_TIMEOUT).map(|r| r.message.unwrap_or_default())
+        }
+        Command::ForcedPermit {
+            mirror,
+            yes,
+            target,
+        } => {
+            if !yes {
+                return Err(format!("refusing without --yes: {FORCED_PERMIT_RISK}"));
+            }
+            ask(
+                &target,
+                None,
+                Request::ForcedPermit { mirror },
+                ROLE_CHANGE_TIMEOUT,
+            )
+            .map(|r| r.message.unwrap_or_default())
+        }
+        Command::Resolve {
+            mirror,
+            discard_local,
+            target,
+        } => {
+            if !discard_local {
+                return Err(
+                    "resolve needs --discard-local, run on the node whose changes since the parting are to be dropped"
+                        .into(),
+                );
+            }
+            ask(
+                &target,
+                None,
+                Request::ResolveDiscardLocal { mirror },
+                STATUS_TIMEOUT,
+            )
+            .map(|r| r.message.unwrap_or_default())
+        }
+        Command::Break { mirror, target } => {
+            ask(&target, None, Request::Break { mirror }, STATUS_TIMEOUT)
+                .map(|r| r.message.unwrap_or_default())
+        }
+        Command::Verify {
+            mirror,
+            wait,
+            target,
+        } => {
+            let started = ask(
+                &target,
+                None,
+                Request::Verify {
+                    mirror: mirror.clone(),
+                },
+                STATUS_TIMEOUT,
+            )?
+            .message
+            .unwrap_or_default();
+            if !wait {
+                return Ok(started);
+            }
+            wait_for_verify(&target, &mirror)
+        }
         Command::Deactivate { mirror, target } => ask(
             &target,
             None,
@@ -303,6 +425,7 @@ fn run(command: Command) -> Result<String, String> {
             target,
         } => {
             let (request, preferred) = match (full, from, pause, resume) {
+                (false, None, false, false) => (Request::Rebuild { mirror }, None),
                 (true, Some(from), false, false) => {
                     let preferred = from.clone();
                     (Request::RebuildFull { mirror, from }, Some(preferred))
@@ -311,13 +434,53 @@ fn run(command: Command) -> Result<String, String> {
                 (false, None, false, true) => (Request::RebuildResume { mirror }, None),
                 _ => {
                     return Err(
-                        "rebuild needs one of: --full --from NODE, --pause, --resume".into(),
+                        "rebuild takes no flag, or one of: --full --from NODE, --pause, --resume"
+                            .into(),
                     );
                 }
             };
             ask(&target, preferred.as_deref(), request, STATUS_TIMEOUT)
                 .map(|r| r.message.unwrap_or_default())
         }
+    }
+}
+
+/// `verify --wait`: polls the status until the verify is no longer running; the
+/// result, or an error if it ended early (the link went down).
+fn wait_for_verify(target: &Target, mirror: &str) -> Result<String, String> {
+    loop {
+        let response = ask(target, None, Request::Status {}, STATUS_TIMEOUT)?;
+        let status = response.status.ok_or("the agent's answer has no status")?;
+        let m = status
+            .mirrors
+            .iter()
+            .find(|m| m.name == mirror)
+            .ok_or_else(|| format!("no mirror {mirror:?} in the status"))?;
+        let Some(v) = &m.verify else {
+            return Err(format!("mirror {mirror}: no verify in the status"));
+        };
+        if v.running {
+            std::thread::sleep(VERIFY_POLL_INTERVAL);
+            continue;
+        }
+        let summary = format!(
+            "verified {} of {} bytes in {} ms: {} differing regions ({} bytes)",
+            v.verified_bytes, v.total_bytes, v.elapsed_ms, v.differing_regions, v.differing_bytes
+        );
+        if v.verified_bytes < v.total_bytes {
+            return Err(format!(
+                "mirror {mirror}: verify interrupted (the link went down): {summary}"
+            ));
+        }
+        let advice = if v.differing_regions > 0 {
+            format!(
+                "; marked dirty on {}: `mirrorctl rebuild {mirror}` there copies them",
+                status.node
+            )
+        } else {
+            String::new()
+        };
+        return Ok(format!("mirror {mirror}: {summary}{advice}"));
     }
 }
 

@@ -9,7 +9,16 @@
 //! {"command":"deactivate","mirror":"db"}
 //! {"command":"rebuild-full","mirror":"db","from":"alpha"}
 //! {"command":"rebuild-pause","mirror":"db"}          {"command":"rebuild-resume","mirror":"db"}
+//! {"command":"forced-permit","mirror":"db"}
+//! {"command":"resolve-discard-local","mirror":"db"}
+//! {"command":"break","mirror":"db"}
+//! {"command":"rebuild","mirror":"db"}                 (lift a break; copy what is dirty)
+//! {"command":"verify","mirror":"db"}
 //! ```
+//!
+//! Commands that change state are logged with who asked: the uid (and user name, from
+//! /etc/passwd) and pid of the client process, from the socket's peer credentials
+//! (SO_PEERCRED), or "unknown" if the kernel does not give them.
 //!
 //! Responses: `{"ok":true,"message":"..."}` (status adds `"status":{...}`, see
 //! `status::NodeStatus`) or `{"ok":false,"error":"..."}`. Activate and deactivate answer
@@ -55,6 +64,113 @@ pub enum Request {
     RebuildResume {
         mirror: String,
     },
+    /// Make this side writable although it cannot be proven up to date (a new
+    /// generation marked forced). `activate` with `forced` does the same.
+    ForcedPermit {
+        mirror: String,
+    },
+    /// After a split brain: this side gives up its changes at the next connect.
+    ResolveDiscardLocal {
+        mirror: String,
+    },
+    /// Close the replication link and stop dialling/accepting until `rebuild`.
+    Break {
+        mirror: String,
+    },
+    /// Lift a break (reconnect: the normal connect path resyncs differentially); when
+    /// connected with dirty regions (after a verify), copy them to the peer.
+    Rebuild {
+        mirror: String,
+    },
+    /// Compare both sides region by region (hashes only cross the wire).
+    Verify {
+        mirror: String,
+    },
+}
+
+/// Who sent an admin request: the client process's credentials (SO_PEERCRED).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    pub user: Option<String>,
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.uid, &self.user) {
+            (None, _) => write!(f, "unknown")?,
+            (Some(uid), Some(user)) => write!(f, "{user} (uid {uid}")?,
+            (Some(uid), None) => write!(f, "uid {uid} (no user name")?,
+        }
+        if self.uid.is_some() {
+            match self.pid {
+                Some(pid) => write!(f, ", pid {pid})")?,
+                None => write!(f, ")")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Caller {
+    fn of(stream: &tokio::net::UnixStream) -> Caller {
+        match stream.peer_cred() {
+            Ok(cred) => Caller {
+                uid: Some(cred.uid()),
+                pid: cred.pid(),
+                user: user_name(cred.uid()),
+            },
+            Err(_) => Caller::default(),
+        }
+    }
+}
+
+/// The user name of `uid` from /etc/passwd (no NSS lookup: it could block the agent's
+/// only thread on a network directory).
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    user_name_in(&passwd, uid)
+}
+
+fn user_name_in(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let _password = fields.next()?;
+        let id: u32 = fields.next()?.parse().ok()?;
+        (id == uid && !name.is_empty()).then(|| name.to_string())
+    })
+}
+
+/// Now as UTC text (RFC 3339, seconds), for "who did what when" log lines and status.
+pub fn utc_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc_text(secs)
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (proleptic Gregorian, UTC).
+pub fn utc_text(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rest = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// One admin response.
@@ -153,6 +269,7 @@ impl AdminServer {
     }
 
     async fn connection(self: Rc<Self>, mut stream: tokio::net::UnixStream) {
+        let caller = Caller::of(&stream);
         let mut input: Vec<u8> = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
@@ -160,7 +277,7 @@ impl AdminServer {
                 let line: Vec<u8> = input.drain(..=end).collect();
                 let response = match std::str::from_utf8(&line) {
                     Ok(text) => match parse_request(text) {
-                        Ok(request) => self.handle(request).await,
+                        Ok(request) => self.handle(request, &caller).await,
                         Err(error) => Response::error(error),
                     },
                     Err(_) => Response::error("bad request: not UTF-8".into()),
@@ -187,10 +304,10 @@ impl AdminServer {
         }
     }
 
-    async fn handle(&self, request: Request) -> Response {
+    async fn handle(&self, request: Request, caller: &Caller) -> Response {
         let agent = &self.agent;
         if !matches!(request, Request::Status {}) {
-            info!(?request, "admin request");
+            info!(?request, by = %caller, "admin request");
             if *agent.stopping.borrow() {
                 return Response::error("the agent is shutting down".into());
             }
@@ -208,8 +325,35 @@ impl AdminServer {
                 });
                 response
             }
-            Request::Activate { mirror, forced } => match agent.mirror(&mirror) {
-                Ok(m) => Response::from_result(m.activate(forced).await),
+            Request::Activate {
+                mirror,
+                forced: false,
+            } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.activate(false).await),
+                Err(error) => Response::error(error),
+            },
+            Request::Activate {
+                mirror,
+                forced: true,
+            }
+            | Request::ForcedPermit { mirror } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.forced_permit(caller).await),
+                Err(error) => Response::error(error),
+            },
+            Request::ResolveDiscardLocal { mirror } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.resolve_discard_local(caller)),
+                Err(error) => Response::error(error),
+            },
+            Request::Break { mirror } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.break_link(caller)),
+                Err(error) => Response::error(error),
+            },
+            Request::Rebuild { mirror } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.rebuild(caller)),
+                Err(error) => Response::error(error),
+            },
+            Request::Verify { mirror } => match agent.mirror(&mirror) {
+                Ok(m) => Response::from_result(m.verify(caller)),
                 Err(error) => Response::error(error),
             },
             Request::Deactivate { mirror } => match agent.mirror(&mirror) {
@@ -294,6 +438,21 @@ mod tests {
             Request::RebuildResume {
                 mirror: "db".into(),
             },
+            Request::ForcedPermit {
+                mirror: "db".into(),
+            },
+            Request::ResolveDiscardLocal {
+                mirror: "db".into(),
+            },
+            Request::Break {
+                mirror: "db".into(),
+            },
+            Request::Rebuild {
+                mirror: "db".into(),
+            },
+            Request::Verify {
+                mirror: "db".into(),
+            },
         ];
         for request in requests {
             let line = to_line(&request);
@@ -319,6 +478,70 @@ mod tests {
             }),
             "{\"command\":\"rebuild-full\",\"mirror\":\"db\",\"from\":\"a\"}\n"
         );
+    }
+
+    #[test]
+    fn new_commands_have_stable_names() {
+        assert_eq!(
+            to_line(&Request::ForcedPermit {
+                mirror: "db".into()
+            }),
+            "{\"command\":\"forced-permit\",\"mirror\":\"db\"}\n"
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"resolve-discard-local","mirror":"db"}"#).unwrap(),
+            Request::ResolveDiscardLocal {
+                mirror: "db".into()
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"break","mirror":"db"}"#).unwrap(),
+            Request::Break {
+                mirror: "db".into()
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"rebuild","mirror":"db"}"#).unwrap(),
+            Request::Rebuild {
+                mirror: "db".into()
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"verify","mirror":"db"}"#).unwrap(),
+            Request::Verify {
+                mirror: "db".into()
+            }
+        );
+    }
+
+    #[test]
+    fn callers_read_well() {
+        assert_eq!(Caller::default().to_string(), "unknown");
+        let root = Caller {
+            uid: Some(0),
+            pid: Some(42),
+            user: Some("root".into()),
+        };
+        assert_eq!(root.to_string(), "root (uid 0, pid 42)");
+        let anon = Caller {
+            uid: Some(1234),
+            pid: None,
+            user: None,
+        };
+        assert_eq!(anon.to_string(), "uid 1234 (no user name)");
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbad line\n";
+        assert_eq!(user_name_in(passwd, 1000).as_deref(), Some("alice"));
+        assert_eq!(user_name_in(passwd, 0).as_deref(), Some("root"));
+        assert_eq!(user_name_in(passwd, 7), None);
+    }
+
+    #[test]
+    fn utc_text_is_rfc3339() {
+        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_text(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(utc_text(4_107_542_399), "2100-02-28T23:59:59Z");
     }
 
     #[test]

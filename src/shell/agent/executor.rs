@@ -29,10 +29,12 @@ use std::rc::{Rc, Weak};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use crate::core::meta::{MetaIo, MetaIoId, MetaIoKind, Role};
+use crate::core::meta::{Flags, MetaIo, MetaIoId, MetaIoKind, Role};
+use crate::core::mirror::engine::SplitBrainPolicy;
+use crate::core::mirror::generations::{NodeView, Outcome};
 use crate::core::mirror::{
-    Action, ClientOp, DataRef, DiskOp, DiskOpId, Engine, EngineStatus, PeerDataId, PeerMsg, ReqId,
-    ResyncBufId,
+    Action, ClientOp, DataRef, Decision, DiskOp, DiskOpId, Engine, EngineStatus, PeerDataId,
+    PeerMsg, ReqId, ResyncBufId, decide,
 };
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::ByteRange;
@@ -97,6 +99,18 @@ pub struct ShellStats {
     pub refused_inactive: u64,
 }
 
+/// What the generation rules decided at the last connect (or what the operator
+/// started), for status and the log: why a copy runs, and whether it is full.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecisionRecord {
+    /// E.g. "rule 60 (history-peer): this node is behind: full copy from the peer".
+    pub text: String,
+    /// A copy follows and it is full (every region).
+    pub full_copy: bool,
+    /// Agent clock (ms) when it was decided.
+    pub at_ms: u64,
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Executor {
@@ -129,6 +143,10 @@ pub struct Executor {
     /// Client I/O is accepted (the disk is active and the export open).
     serving: Cell<bool>,
     failure_logged: Cell<bool>,
+    /// The last connect decision (see [`DecisionRecord`]).
+    decision: RefCell<Option<DecisionRecord>>,
+    /// The policy the engine was given (to explain a split brain resolved by it).
+    split_brain_policy: Cell<SplitBrainPolicy>,
     stats: Cell<ShellStats>,
     scratch: RefCell<Vec<Completion>>,
     /// A separate metadata device, kept open for as long as its ring uses it.
@@ -168,6 +186,8 @@ impl Executor {
             role_waiter: RefCell::new(None),
             serving: Cell::new(false),
             failure_logged: Cell::new(false),
+            decision: RefCell::new(None),
+            split_brain_policy: Cell::new(SplitBrainPolicy::Disconnect),
             stats: Cell::new(ShellStats::default()),
             scratch: RefCell::new(Vec::new()),
             _meta_device: meta_device,
@@ -272,10 +292,94 @@ impl Executor {
         self.link.borrow().clone()
     }
 
+    /// Sets the engine's after-split-brain policy (from the configuration).
+    pub fn set_split_brain_policy(&self, policy: SplitBrainPolicy) {
+        self.split_brain_policy.set(policy);
+        self.engine.borrow_mut().set_split_brain_policy(policy);
+    }
+
+    /// The last connect decision, if any.
+    pub fn decision(&self) -> Option<DecisionRecord> {
+        self.decision.borrow().clone()
+    }
+
+    /// What the generation rules decide for this node and `peer` now: the same pure
+    /// function on the same inputs as the engine's connect (`Engine::handle_link_up`),
+    /// computed here for the log and status (the engine does not report it).
+    fn decide_with(&self, peer: &NodeState) -> (Decision, String) {
+        let engine = self.engine.borrow();
+        let sb = engine.meta().superblock();
+        let local = NodeView {
+            node_id: sb.identity.node_id,
+            generations: sb.state.generations,
+            flags: sb.state.flags,
+            role: sb.state.role,
+            dirty: !engine.meta().dirty_bitmap().is_empty(),
+        };
+        let remote = NodeView {
+            node_id: sb.identity.peer_node_id,
+            generations: peer.generations,
+            flags: peer.flags,
+            role: peer.role,
+            dirty: peer.dirty_bytes > 0,
+        };
+        let decision = decide(&local, &remote);
+        let mut text = decision.to_string();
+        if matches!(decision.outcome, Outcome::SplitBrain { .. }) {
+            let ours = local.flags.contains(Flags::DISCARD_LOCAL);
+            let theirs = remote.flags.contains(Flags::DISCARD_LOCAL);
+            let zero = self.split_brain_policy.get() == SplitBrainPolicy::DiscardZeroChanges;
+            match (ours, theirs) {
+                (true, false) => text.push_str("; resolved: this node discards its changes (resolve --discard-local)"),
+                (false, true) => text.push_str("; resolved: the peer discards its changes (resolve --discard-local)"),
+                (false, false) if zero && local.dirty != remote.dirty => text.push_str(
+                    "; after_split_brain = discard-zero-changes: the side without changes is overwritten",
+                ),
+                _ => {}
+            }
+        }
+        (decision, text)
+    }
+
+    /// Records (and logs, when it changed) a connect decision.
+    fn record_decision(&self, decision: Decision, text: String) {
+        let full_copy = decision.resync().is_some_and(|r| r.full)
+            || matches!(decision.outcome, Outcome::SplitBrain { resolve_full: true })
+                && text.contains("; resolved");
+        let record = DecisionRecord {
+            text,
+            full_copy,
+            at_ms: self.clock.now_ms(),
+        };
+        let changed = self
+            .decision
+            .borrow()
+            .as_ref()
+            .is_none_or(|d| d.text != record.text);
+        if changed {
+            if full_copy {
+                warn!(
+                    mirror = self.mirror,
+                    decision = record.text,
+                    "connect decision: FULL copy"
+                );
+            } else {
+                info!(
+                    mirror = self.mirror,
+                    decision = record.text,
+                    "connect decision"
+                );
+            }
+        }
+        self.decision.replace(Some(record));
+    }
+
     /// A handshake completed and this connection won: the engine takes it over.
     pub fn link_up(&self, link: Rc<LinkOut>, peer: NodeState) {
         let previous = self.link.replace(Some(link.clone()));
         assert!(previous.is_none(), "link up while another link is up");
+        let (decision, text) = self.decide_with(&peer);
+        self.record_decision(decision, text);
         self.engine.borrow_mut().handle_link_up(link.epoch(), peer);
         self.drain();
         self.flush_submissions();
@@ -309,7 +413,22 @@ impl Executor {
             self.peer_data.borrow_mut().insert(id, buf);
             PeerDataId(id)
         });
+        // A State that ends a wait for the operator (the peer chose itself as the
+        // source of a full copy) makes the engine decide again, on these inputs.
+        let redecision = match &msg {
+            PeerMsg::State(state)
+                if self.link_state().as_deref() == Some("waiting-for-operator") =>
+            {
+                Some(self.decide_with(state))
+            }
+            _ => None,
+        };
         self.engine.borrow_mut().handle_peer(msg, data_id);
+        if let Some((decision, text)) = redecision
+            && self.link_state().as_deref() != Some("waiting-for-operator")
+        {
+            self.record_decision(decision, text);
+        }
         self.drain();
         true
     }
@@ -369,9 +488,57 @@ impl Executor {
         self.engine.borrow().shutdown_complete()
     }
 
+    /// The engine's connection state (connecting, connected, sync-source,
+    /// sync-target, waiting-for-operator, disconnecting), `None` without a connection.
+    pub fn link_state(&self) -> Option<String> {
+        self.engine
+            .borrow()
+            .status()
+            .link
+            .map(|l| l.state.to_string())
+    }
+
     /// `rebuild --full --from <this node>`.
     pub fn start_full_sync(&self) -> Result<(), String> {
         let result = self.engine.borrow_mut().start_full_sync(random_u64());
+        if result.is_ok() {
+            self.decision.replace(Some(DecisionRecord {
+                text: "operator: full copy from this node (mirrorctl rebuild --full --from)".into(),
+                full_copy: true,
+                at_ms: self.clock.now_ms(),
+            }));
+        }
+        self.drain();
+        self.flush_submissions();
+        result
+    }
+
+    /// `rebuild` while connected: copy what is dirty now (e.g. after a verify).
+    pub fn start_differential_rebuild(&self) -> Result<(), String> {
+        let result = self.engine.borrow_mut().start_differential_rebuild();
+        if result.is_ok() {
+            self.decision.replace(Some(DecisionRecord {
+                text: "operator: differential copy of the dirty regions from this node (mirrorctl rebuild)".into(),
+                full_copy: false,
+                at_ms: self.clock.now_ms(),
+            }));
+        }
+        self.drain();
+        self.flush_submissions();
+        result
+    }
+
+    /// `resolve --discard-local`: persisted; applied at the next connect.
+    pub fn resolve_discard_local(&self) -> Result<(), String> {
+        let result = self.engine.borrow_mut().resolve_discard_local();
+        self.drain();
+        self.flush_submissions();
+        result
+    }
+
+    /// `verify`: compare both sides by per-region hashes.
+    pub fn start_verify(&self) -> Result<(), String> {
+        let result = self.engine.borrow_mut().start_verify();
         self.drain();
         self.flush_submissions();
         result

@@ -19,6 +19,12 @@
 //! so the engine rarely sees the loser at all. An authenticated connection from the
 //! side that dialled the current one replaces it (that side believes the old one dead).
 //! Unauthenticated connections never displace anything.
+//!
+//! Operator break (`mirrorctl break`): the link is closed and this node neither dials
+//! nor accepts (an incoming connection is closed at once, before its handshake) until
+//! `unbreak` (`mirrorctl rebuild`). Only this node's agent knows: the peer keeps
+//! dialling with its backoff and is turned away. Not persisted: an agent restart ends
+//! the break.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -189,11 +195,31 @@ struct Active {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dialer {
     Starting,
-    Connecting { path: usize },
-    Handshaking { path: usize },
+    Connecting {
+        path: usize,
+    },
+    Handshaking {
+        path: usize,
+    },
     Linked,
-    Waiting { path: usize, until_ms: u64 },
+    Waiting {
+        path: usize,
+        until_ms: u64,
+    },
+    /// `mirrorctl break`: no dialling, no accepting.
+    Broken,
     Stopped,
+}
+
+/// Who broke the link, and when (`mirrorctl break`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BreakView {
+    /// The operator, from the admin socket's peer credentials.
+    pub by: String,
+    /// Wall-clock time of the break (UTC, RFC 3339).
+    pub at: String,
+    /// How long ago.
+    pub age_ms: u64,
 }
 
 #[derive(Debug)]
@@ -202,6 +228,8 @@ struct LinkState {
     /// Connections in their handshake: id -> who dialled.
     handshaking: HashMap<u64, Initiator>,
     dialer: Dialer,
+    /// Set by `mirrorctl break`: who, when (UTC text) and when (agent clock).
+    broken: Option<(String, String, u64)>,
     /// The last problem (failed connect, refused handshake, lost link) and when.
     problem: Option<(String, u64)>,
     /// Problems logged since the link was last up: each is logged once.
@@ -212,8 +240,11 @@ struct LinkState {
 /// What status shows about the link, beyond the engine's view.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LinkView {
-    /// connected | connecting | handshaking | retrying | stopped
+    /// connected | connecting | handshaking | retrying | broken | stopped
     pub state: String,
+    /// Set while the link is broken by the operator (`mirrorctl break`).
+    #[serde(default)]
+    pub broken: Option<BreakView>,
     pub path: Option<usize>,
     pub local: Option<String>,
     pub remote: Option<String>,
@@ -251,6 +282,8 @@ pub struct PeerLink {
     state: RefCell<LinkState>,
     /// Wakes the dialer and parked connections: a link or a handshake ended.
     changed: Notify,
+    /// Wakes the dialer out of its backoff (break lifted, split brain resolved).
+    kick: Notify,
     stopping: Cell<bool>,
     next_conn_id: Cell<u64>,
     tasks: RefCell<Vec<JoinHandle<()>>>,
@@ -275,11 +308,13 @@ impl PeerLink {
                 active: None,
                 handshaking: HashMap::new(),
                 dialer: Dialer::Starting,
+                broken: None,
                 problem: None,
                 logged: HashSet::new(),
                 links_established: 0,
             }),
             changed: Notify::new(),
+            kick: Notify::new(),
             stopping: Cell::new(false),
             next_conn_id: Cell::new(1),
             tasks: RefCell::new(Vec::new()),
@@ -314,6 +349,47 @@ impl PeerLink {
         self.state.borrow_mut().dialer = Dialer::Stopped;
     }
 
+    /// `mirrorctl break`: closes the link (the engine then journals every write) and
+    /// stops dialling and accepting until [`PeerLink::unbreak`]. `by` names the
+    /// operator, `at` the wall-clock time. Returns false if it was broken already.
+    pub fn break_link(&self, by: String, at: String) -> bool {
+        let active = {
+            let mut st = self.state.borrow_mut();
+            if st.broken.is_some() {
+                return false;
+            }
+            st.broken = Some((by, at, self.clock.now_ms()));
+            st.active.as_ref().map(|a| a.out.clone())
+        };
+        if let Some(out) = active {
+            out.request_close("broken by operator (mirrorctl break)".into());
+        }
+        self.changed.notify_waiters();
+        self.kick.notify_one();
+        true
+    }
+
+    /// Lifts an operator break: the dialer connects at once (the normal connect path
+    /// then decides the resync). Returns false if the link was not broken.
+    pub fn unbreak(&self) -> bool {
+        let was = self.state.borrow_mut().broken.take().is_some();
+        if was {
+            self.kick();
+        }
+        was
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.state.borrow().broken.is_some()
+    }
+
+    /// Ends the dialer's backoff wait: the next attempt starts now (after an operator
+    /// action that changes what a connect would decide, such as a split-brain
+    /// resolution).
+    pub fn kick(&self) {
+        self.kick.notify_one();
+    }
+
     pub fn view(&self) -> LinkView {
         let now = self.clock.now_ms();
         let st = self.state.borrow();
@@ -328,8 +404,14 @@ impl PeerLink {
             Some((p, at)) => (Some(p.clone()), Some(now.saturating_sub(*at))),
             None => (None, None),
         };
+        let broken = st.broken.as_ref().map(|(by, at, since)| BreakView {
+            by: by.clone(),
+            at: at.clone(),
+            age_ms: now.saturating_sub(*since),
+        });
         let mut view = LinkView {
             state: String::new(),
+            broken,
             path: None,
             local: None,
             remote: None,
@@ -367,7 +449,11 @@ impl PeerLink {
                 view.path = Some(path);
                 view.retry_in_ms = Some(until_ms.saturating_sub(now));
             }
+            Dialer::Broken => view.state = "broken".into(),
             Dialer::Stopped => view.state = "stopped".into(),
+        }
+        if view.broken.is_some() && st.dialer != Dialer::Stopped {
+            view.state = "broken".into();
         }
         view
     }
@@ -426,6 +512,12 @@ impl PeerLink {
             if self.stopping.get() {
                 return;
             }
+            if self.is_broken() {
+                // Turned away before the handshake: nothing about our disk is said.
+                debug!(mirror = self.config.mirror, %remote, "link broken by the operator; closing an incoming connection");
+                drop(stream);
+                continue;
+            }
             if self.state.borrow().handshaking.len() >= HANDSHAKES_IN_PROGRESS_MAX {
                 debug!(mirror = self.config.mirror, %remote, "too many handshakes in progress; dropping");
                 continue;
@@ -444,6 +536,15 @@ impl PeerLink {
             if self.stopping.get() {
                 return;
             }
+            if self.is_broken() {
+                self.set_dialer(Dialer::Broken);
+                while self.is_broken() && !self.stopping.get() {
+                    self.kick.notified().await;
+                }
+                // Lifted by the operator: dial at once, from the first path.
+                backoff.reset();
+                continue;
+            }
             if self.has_active() {
                 self.set_dialer(Dialer::Linked);
                 let changed = self.changed.notified();
@@ -454,7 +555,7 @@ impl PeerLink {
                 }
                 // The link (dialled by either side) ended: back off before dialling.
                 let delay = backoff.next_delay_ms() + self.crossed_connect_yield_ms();
-                tokio::time::sleep(Duration::from_millis(delay)).await;
+                self.wait_or_kick(delay).await;
                 continue;
             }
             let path = paths.current();
@@ -492,11 +593,24 @@ impl PeerLink {
             if self.stopping.get() {
                 return;
             }
+            if self.is_broken() {
+                continue;
+            }
             self.set_dialer(Dialer::Waiting {
                 path: paths.current(),
                 until_ms: self.clock.now_ms() + delay,
             });
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+            if self.wait_or_kick(delay).await {
+                backoff.reset();
+            }
+        }
+    }
+
+    /// Sleeps `delay_ms`, or less if kicked (returns true then).
+    async fn wait_or_kick(&self, delay_ms: u64) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(delay_ms)) => false,
+            _ = self.kick.notified() => true,
         }
     }
 
@@ -529,6 +643,11 @@ impl PeerLink {
                 return Outcome::Failed;
             }
         };
+        if self.is_broken() {
+            // Broken while this handshake ran: never handed to the engine.
+            let _ = stream.shutdown().await;
+            return Outcome::Duplicate;
+        }
         if !self
             .settle(conn_id, initiator, &mut stream, established.epoch)
             .await

@@ -3,18 +3,25 @@
 //! and the NBD export, which refuses clients (with a message) while the mirror is not
 //! active here. Also the switch-mirror hooks: `activate` and `deactivate`, the internal
 //! API the admin socket (and later the failover manager) calls.
+//!
+//! Operator commands of issue 5 live here too: forced-permit, split-brain resolution,
+//! break, rebuild, verify; and the split-brain watch, which logs a split brain once per
+//! occurrence and runs the configured hook.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Mirror, MirrorSide, Node};
 use crate::constants::{
@@ -25,11 +32,17 @@ use crate::core::meta::Role;
 use crate::core::mirror::{Engine, EngineConfig};
 use crate::core::nbd::handshake::ExportInfo;
 use crate::core::repl::ClusterSecret;
+use crate::shell::agent::admin::{Caller, utc_now};
 use crate::shell::agent::executor::Executor;
 use crate::shell::agent::peer_link::{LinkConfig, PeerLink};
 use crate::shell::agent::startup::MirrorPlan;
-use crate::shell::agent::status::{MirrorStatus, mirror_status};
-use crate::shell::agent::{Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SYNC_INTERVAL_MS, TICK_MS};
+use crate::shell::agent::status::{
+    MirrorStatus, OperatorView, RuntimeFacts, SplitBrainView, human_bytes, mirror_status,
+};
+use crate::shell::agent::{
+    Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SPLIT_BRAIN_HOOK_POLL_MS, SPLIT_BRAIN_HOOK_TIMEOUT_MS,
+    SYNC_INTERVAL_MS, TICK_MS,
+};
 use crate::shell::buffers::BufferPool;
 use crate::shell::nbd_server::{Export, SplitStream, serve_connection};
 use crate::shell::uring::Ring;
@@ -47,11 +60,22 @@ struct Gate {
     stop_clients: watch::Sender<bool>,
 }
 
+/// A split brain being reported: from its detection until the mirror replicates again.
+#[derive(Debug)]
+struct SplitBrain {
+    problem: String,
+    since_ms: u64,
+    /// The hook's outcome, written by its thread: "running", "exit status 0 after
+    /// 12 ms", "killed after 30000 ms (timeout)", "could not start: ...".
+    hook: Option<Arc<Mutex<String>>>,
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct MirrorRuntime {
     name: String,
     node_name: String,
+    peer_name: String,
     config: Mirror,
     side: MirrorSide,
     executor: Rc<Executor>,
@@ -72,6 +96,10 @@ pub struct MirrorRuntime {
     rate_sample: Cell<(u64, u64)>,
     nbd_tasks: RefCell<Vec<JoinHandle<()>>>,
     background: RefCell<Vec<JoinHandle<()>>>,
+    /// Set while a split brain is being reported (see `watch_split_brain`).
+    split_brain: RefCell<Option<SplitBrain>>,
+    /// The last forced-permit: who and when.
+    forced_permit: RefCell<Option<OperatorView>>,
 }
 
 impl MirrorRuntime {
@@ -133,6 +161,7 @@ impl MirrorRuntime {
             clock,
             disk.meta_device,
         );
+        executor.set_split_brain_policy(config.after_split_brain);
         let link = PeerLink::start(
             LinkConfig {
                 mirror: name.clone(),
@@ -162,6 +191,7 @@ impl MirrorRuntime {
         let runtime = Rc::new(MirrorRuntime {
             name: name.clone(),
             node_name: node.name.clone(),
+            peer_name: peer.name.clone(),
             config,
             side,
             executor: executor.clone(),
@@ -181,6 +211,8 @@ impl MirrorRuntime {
             rate_sample: Cell::new((clock.now_ms(), 0)),
             nbd_tasks: RefCell::new(Vec::new()),
             background: RefCell::new(Vec::new()),
+            split_brain: RefCell::new(None),
+            forced_permit: RefCell::new(None),
         });
         runtime.start_background();
         let mut nbd_tasks = Vec::new();
@@ -237,6 +269,7 @@ impl MirrorRuntime {
             loop {
                 interval.tick().await;
                 runtime.executor.tick();
+                runtime.watch_split_brain();
                 ticks += 1;
                 if ticks.is_multiple_of(RATE_SAMPLE_TICKS) {
                     runtime.sample_rate();
@@ -278,6 +311,21 @@ impl MirrorRuntime {
                     .map(|p| format!("nbd+unix:///{}?socket={}", self.name, p.display())),
             )
             .collect();
+        let now = self.clock.now_ms();
+        let split_brain = self.split_brain.borrow().as_ref().map(|sb| SplitBrainView {
+            problem: sb.problem.clone(),
+            age_ms: now.saturating_sub(sb.since_ms),
+            hook: sb
+                .hook
+                .as_ref()
+                .map(|h| h.lock().map(|s| s.clone()).unwrap_or_default()),
+        });
+        let facts = RuntimeFacts {
+            decision: self.executor.decision(),
+            now_ms: now,
+            split_brain,
+            forced_permit: self.forced_permit.borrow().clone(),
+        };
         mirror_status(
             &self.name,
             &self.executor,
@@ -287,7 +335,275 @@ impl MirrorRuntime {
             self.clients.get(),
             self.rate_bytes_per_s.get(),
             &self.config,
+            facts,
         )
+    }
+
+    // ------------------------------------------------------------------------------
+    // Split brain: logged once per occurrence, the hook run once per occurrence.
+    // ------------------------------------------------------------------------------
+
+    /// Called every tick. An occurrence starts when the engine's problem names a split
+    /// brain and ends when the mirror connects and replicates (or resyncs) again; every
+    /// reconnect attempt in between meets the same split brain and is not reported again.
+    fn watch_split_brain(&self) {
+        let (problem, link_state) = self.executor.with_engine(|e| {
+            let status = e.status();
+            (status.problem, status.link.map(|l| l.state))
+        });
+        let split = problem.filter(|p| p.starts_with("split brain:"));
+        let reporting = self.split_brain.borrow().is_some();
+        match split {
+            Some(problem) if !reporting => {
+                error!(
+                    mirror = self.name,
+                    node = self.node_name,
+                    peer = self.peer_name,
+                    "SPLIT BRAIN: both nodes wrote while apart; nothing is copied until the operator resolves it \
+                     (`mirrorctl resolve {} --discard-local` on the node whose changes are to be dropped): {problem}",
+                    self.name
+                );
+                let hook = self
+                    .config
+                    .split_brain_hook
+                    .clone()
+                    .map(|path| self.run_split_brain_hook(path, &problem));
+                self.split_brain.replace(Some(SplitBrain {
+                    problem,
+                    since_ms: self.clock.now_ms(),
+                    hook,
+                }));
+            }
+            None if reporting
+                && matches!(
+                    link_state,
+                    Some("connected" | "sync-source" | "sync-target")
+                ) =>
+            {
+                let since = self.split_brain.take().map_or(0, |sb| sb.since_ms);
+                info!(
+                    mirror = self.name,
+                    after_ms = self.clock.now_ms().saturating_sub(since),
+                    link = link_state.unwrap_or_default(),
+                    "split brain over: the mirror is connected again"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts the hook in its own thread (it may block): environment MIRRORDISK_MIRROR,
+    /// MIRRORDISK_NODE, MIRRORDISK_PEER, MIRRORDISK_EVENT=SPLIT_BRAIN and
+    /// MIRRORDISK_PROBLEM; stdin empty, stdout and stderr into the agent's log stream;
+    /// killed after `SPLIT_BRAIN_HOOK_TIMEOUT_MS`. Its outcome is logged and kept for
+    /// status.
+    fn run_split_brain_hook(&self, path: PathBuf, problem: &str) -> Arc<Mutex<String>> {
+        let outcome = Arc::new(Mutex::new("starting".to_string()));
+        let shared = outcome.clone();
+        let mirror = self.name.clone();
+        let node = self.node_name.clone();
+        let peer = self.peer_name.clone();
+        let problem = problem.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("hook-{mirror}"))
+            .spawn(move || {
+                let result = run_hook(&path, &mirror, &node, &peer, &problem, &shared);
+                let text = match &result {
+                    Ok(text) | Err(text) => text.clone(),
+                };
+                match result {
+                    Ok(_) => info!(mirror, hook = %path.display(), "split-brain hook: {text}"),
+                    Err(_) => error!(mirror, hook = %path.display(), "split-brain hook: {text}"),
+                }
+                if let Ok(mut slot) = shared.lock() {
+                    *slot = text;
+                }
+            });
+        if let Err(e) = spawned {
+            error!(
+                mirror = self.name,
+                "split-brain hook: cannot start a thread for it: {e}"
+            );
+            if let Ok(mut slot) = outcome.lock() {
+                *slot = format!("could not start: {e}");
+            }
+        }
+        outcome
+    }
+
+    // ------------------------------------------------------------------------------
+    // Operator commands (issue 5).
+    // ------------------------------------------------------------------------------
+
+    /// `mirrorctl forced-permit` (and `activate --force`): make this side writable
+    /// although it cannot prove it is up to date. The engine refuses while the peer is
+    /// connected and active; disconnected, it makes a new generation marked forced,
+    /// durably, before the export opens. Logged (warning) with who and when.
+    pub async fn forced_permit(&self, caller: &Caller) -> Result<String, String> {
+        let at = utc_now();
+        let _guard = self.role_guard()?;
+        if self.executor.with_engine(|e| e.role()) == Role::Primary {
+            self.open_export();
+            return Ok(format!(
+                "mirror {} is already active on {}",
+                self.name, self.node_name
+            ));
+        }
+        let before = self.executor.with_engine(|e| e.generations());
+        let waiting = self.executor.activate(true).map_err(|e| {
+            warn!(mirror = self.name, by = %caller, at, error = e, "forced-permit refused");
+            format!("mirror {}: forced-permit refused: {e}", self.name)
+        })?;
+        if let Some(rx) = waiting {
+            rx.await
+                .map_err(|_| format!("mirror {}: the engine dropped the activation", self.name))?
+                .map_err(|e| format!("mirror {}: forced-permit failed: {e}", self.name))?;
+        }
+        let after = self.executor.with_engine(|e| e.generations());
+        let message = if after.current != before.current {
+            warn!(
+                mirror = self.name,
+                node = self.node_name,
+                by = %caller,
+                at,
+                generation = format!("{:016x}", after.current),
+                "FORCED-PERMIT: mirror active here without proof that this disk is up to date; \
+                 new generation marked forced (the peer will be behind, or in split brain if it also wrote)"
+            );
+            self.forced_permit.replace(Some(OperatorView {
+                by: caller.to_string(),
+                at: at.clone(),
+            }));
+            format!(
+                "mirror {} is active on {} by forced-permit (new generation {:016x} marked forced; by {caller} at {at})",
+                self.name, self.node_name, after.current
+            )
+        } else {
+            info!(mirror = self.name, by = %caller, at, "forced-permit with the peer connected and in sync: an ordinary activation");
+            format!(
+                "mirror {} is active on {} (the peer is connected and this disk is UpToDate: no forced generation was needed)",
+                self.name, self.node_name
+            )
+        };
+        self.open_export();
+        Ok(message)
+    }
+
+    /// `mirrorctl resolve MIRROR --discard-local`: after a split brain this side gives up
+    /// its changes; persisted, applied at the next connect (a differential copy from the
+    /// peer over both journals). The dialer is woken so that connect happens now.
+    pub fn resolve_discard_local(&self, caller: &Caller) -> Result<String, String> {
+        self.executor.resolve_discard_local().map_err(|e| {
+            warn!(mirror = self.name, by = %caller, error = e, "resolve --discard-local refused");
+            format!("mirror {}: cannot resolve: {e}", self.name)
+        })?;
+        warn!(
+            mirror = self.name,
+            node = self.node_name,
+            by = %caller,
+            at = utc_now(),
+            "split brain resolution: this node discards its changes since the parting at the next connect"
+        );
+        let mut message = format!(
+            "mirror {}: {} will discard its changes and copy from {} when they connect",
+            self.name, self.node_name, self.peer_name
+        );
+        if self.link.is_broken() {
+            message.push_str(&format!(
+                "; the link is broken by the operator: `mirrorctl rebuild {}` on {} reconnects",
+                self.name, self.node_name
+            ));
+        } else {
+            self.link.kick();
+            message.push_str(" (reconnecting now)");
+        }
+        Ok(message)
+    }
+
+    /// `mirrorctl break MIRROR`: close the replication link and stop dialling and
+    /// accepting until `rebuild`. The active side journals every write meanwhile; the
+    /// other side keeps its copy as it was (Consistent). Not persisted across a restart.
+    pub fn break_link(&self, caller: &Caller) -> Result<String, String> {
+        let at = utc_now();
+        if !self.link.break_link(caller.to_string(), at.clone()) {
+            return Ok(format!(
+                "mirror {}: the link is already broken on {} (`mirrorctl rebuild {}` reconnects)",
+                self.name, self.node_name, self.name
+            ));
+        }
+        warn!(
+            mirror = self.name,
+            node = self.node_name,
+            by = %caller,
+            at,
+            "replication link broken by the operator: no connection to the peer until `mirrorctl rebuild`"
+        );
+        Ok(format!(
+            "mirror {}: replication link broken on {}; the active side journals its writes; \
+             `mirrorctl rebuild {}` on {} reconnects and resyncs differentially",
+            self.name, self.node_name, self.name, self.node_name
+        ))
+    }
+
+    /// `mirrorctl rebuild MIRROR`: lifts a break (the normal connect path then resyncs
+    /// differentially); otherwise, connected with dirty regions here (e.g. after a
+    /// verify), copies them to the peer.
+    pub fn rebuild(&self, caller: &Caller) -> Result<String, String> {
+        if self.link.unbreak() {
+            info!(mirror = self.name, by = %caller, "break lifted: reconnecting");
+            return Ok(format!(
+                "mirror {}: break lifted on {}; reconnecting (the resync runs once connected: see `mirrorctl status`)",
+                self.name, self.node_name
+            ));
+        }
+        let status = self.executor.status();
+        let Some(link) = status.link else {
+            return Err(format!(
+                "mirror {}: the peer is not connected; a resync starts by itself when it connects \
+                 (`mirrorctl status` shows why it is not)",
+                self.name
+            ));
+        };
+        if let Some(resync) = &link.resync {
+            return Ok(format!(
+                "mirror {}: a resync is already running ({}, this node is its {})",
+                self.name,
+                if resync.full { "full" } else { "differential" },
+                resync.role
+            ));
+        }
+        if link.state == "connected" && status.dirty_bytes == 0 {
+            return Ok(format!(
+                "mirror {}: nothing to rebuild: no region is marked dirty on {} \
+                 (a verify marks differences on the node it ran on: run rebuild there)",
+                self.name, self.node_name
+            ));
+        }
+        let dirty = status.dirty_bytes;
+        self.executor
+            .start_differential_rebuild()
+            .map_err(|e| format!("mirror {}: cannot rebuild: {e}", self.name))?;
+        info!(mirror = self.name, by = %caller, dirty_bytes = dirty, "differential rebuild started");
+        Ok(format!(
+            "mirror {}: differential rebuild of {} from {} to {} started",
+            self.name,
+            human_bytes(dirty),
+            self.node_name,
+            self.peer_name
+        ))
+    }
+
+    /// `mirrorctl verify MIRROR`: compare both sides region by region; differing
+    /// regions are marked dirty here (rebuild copies them).
+    pub fn verify(&self, caller: &Caller) -> Result<String, String> {
+        self.executor
+            .start_verify()
+            .map_err(|e| format!("mirror {}: cannot verify: {e}", self.name))?;
+        info!(mirror = self.name, by = %caller, "online verify started");
+        Ok(format!(
+            "mirror {}: verify started on {} (`mirrorctl status` shows progress)",
+            self.name, self.node_name
+        ))
     }
 
     // ------------------------------------------------------------------------------
@@ -553,6 +869,62 @@ impl MirrorRuntime {
             warn!(mirror = self.name, error = %std::io::Error::last_os_error(), "final fdatasync failed");
         }
         info!(mirror = self.name, "mirror stopped");
+    }
+}
+
+/// Runs the split-brain hook to its end or its timeout; the outcome as text (`Err` for
+/// anything but exit status 0).
+fn run_hook(
+    path: &std::path::Path,
+    mirror: &str,
+    node: &str,
+    peer: &str,
+    problem: &str,
+    outcome: &Mutex<String>,
+) -> Result<String, String> {
+    let started = Instant::now();
+    let log_stream = || {
+        std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    };
+    let mut child = Command::new(path)
+        .env("MIRRORDISK_MIRROR", mirror)
+        .env("MIRRORDISK_NODE", node)
+        .env("MIRRORDISK_PEER", peer)
+        .env("MIRRORDISK_EVENT", "SPLIT_BRAIN")
+        .env("MIRRORDISK_PROBLEM", problem)
+        .stdin(Stdio::null())
+        .stdout(log_stream())
+        .stderr(log_stream())
+        .spawn()
+        .map_err(|e| format!("could not start: {e}"))?;
+    if let Ok(mut slot) = outcome.lock() {
+        *slot = format!("running (pid {})", child.id());
+    }
+    let timeout = Duration::from_millis(SPLIT_BRAIN_HOOK_TIMEOUT_MS);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let ms = started.elapsed().as_millis();
+                return if status.success() {
+                    Ok(format!("exit status 0 after {ms} ms"))
+                } else {
+                    Err(format!("failed: {status} after {ms} ms"))
+                };
+            }
+            Ok(None) if started.elapsed() >= timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "killed after {SPLIT_BRAIN_HOOK_TIMEOUT_MS} ms (timeout)"
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(SPLIT_BRAIN_HOOK_POLL_MS)),
+            Err(e) => return Err(format!("cannot wait for it: {e}")),
+        }
     }
 }
 

@@ -79,6 +79,17 @@ pub fn plan(args: &AgentArgs) -> Result<Plan, String> {
             args.config.display()
         ));
     }
+    for mirror in &config.mirrors {
+        if let Some(hook) = &mirror.split_brain_hook {
+            check_hook(hook).map_err(|e| {
+                format!(
+                    "mirror {}: split_brain_hook {}: {e}",
+                    mirror.name,
+                    hook.display()
+                )
+            })?;
+        }
+    }
     let mut disks = Vec::new();
     for mirror in &config.mirrors {
         disks.push(open_disk(mirror, &node, &peer)?);
@@ -205,6 +216,19 @@ pub fn hostname() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The split-brain hook must be an executable regular file now, not only when a split
+/// brain happens (when nobody is looking).
+pub fn check_hook(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err("not executable (chmod +x it)".into());
+    }
+    Ok(())
 }
 
 /// Reads the cluster secret. The file must be a regular file that only its owner may

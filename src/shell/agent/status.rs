@@ -1,6 +1,8 @@
 //! What `mirrorctl status` shows: the node and, per mirror, role, both sides' disk
 //! states (the peer's as last heard, with its age), the connection and its path,
-//! generations, in-flight writes, dirty bytes, resync progress and rate. Built from
+//! generations, in-flight writes, dirty bytes, resync progress and rate, why the last
+//! connect copies what it copies (the generation rules' decision), verify progress, an
+//! operator break, a split brain and its hook. Built from
 //! `Engine::status()` plus the shell's own facts (link, path, export, rate), sent as
 //! JSON over the admin socket, and rendered for humans here.
 
@@ -8,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Fencing, Mirror};
 use crate::core::meta::Generations;
-use crate::shell::agent::executor::{Executor, ShellStats};
+use crate::shell::agent::executor::{DecisionRecord, Executor, ShellStats};
 use crate::shell::agent::peer_link::LinkView;
 
 /// The agent and all its mirrors.
@@ -41,7 +43,22 @@ pub struct MirrorStatus {
     pub in_flight: InFlightView,
     pub dirty_bytes: u64,
     pub resync: Option<ResyncView>,
+    /// What the generation rules decided at the last connect (or what the operator
+    /// started): why a copy runs and whether it is full.
+    #[serde(default)]
+    pub decision: Option<DecisionView>,
+    /// The running or last online verify (since this agent started).
+    #[serde(default)]
+    pub verify: Option<VerifyView>,
+    /// Set from the detection of a split brain until the mirror connects again.
+    #[serde(default)]
+    pub split_brain: Option<SplitBrainView>,
+    /// The last forced-permit on this node (since this agent started).
+    #[serde(default)]
+    pub forced_permit: Option<OperatorView>,
     pub fencing: String,
+    #[serde(default)]
+    pub after_split_brain: String,
     pub peer_timeout_ms: u64,
     /// The engine's counters (writes, reads, replicated bytes...).
     pub engine_stats: serde_json::Value,
@@ -121,6 +138,52 @@ pub struct ResyncView {
     pub eta_s: Option<u64>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DecisionView {
+    /// E.g. "rule 60 (history-peer): this node is behind: full copy from the peer".
+    pub text: String,
+    pub full_copy: bool,
+    pub age_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyView {
+    pub running: bool,
+    pub verified_bytes: u64,
+    pub total_bytes: u64,
+    pub percent: f64,
+    /// Regions (of the bitmap granularity) whose hashes differ; marked dirty here.
+    pub differing_regions: u64,
+    pub differing_bytes: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SplitBrainView {
+    /// The engine's problem text.
+    pub problem: String,
+    /// Since the detection.
+    pub age_ms: u64,
+    /// The hook's outcome, if one is configured.
+    pub hook: Option<String>,
+}
+
+/// Who did something, and when (UTC).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OperatorView {
+    pub by: String,
+    pub at: String,
+}
+
+/// What the mirror's runtime adds to the engine's and the link's views.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeFacts {
+    pub decision: Option<DecisionRecord>,
+    pub now_ms: u64,
+    pub split_brain: Option<SplitBrainView>,
+    pub forced_permit: Option<OperatorView>,
+}
+
 /// Assembles one mirror's status.
 #[allow(clippy::too_many_arguments)]
 pub fn mirror_status(
@@ -132,8 +195,10 @@ pub fn mirror_status(
     clients: usize,
     rate_bytes_per_s: u64,
     config: &Mirror,
+    facts: RuntimeFacts,
 ) -> MirrorStatus {
     let engine = executor.status();
+    let decision_full = facts.decision.as_ref().is_some_and(|d| d.full_copy);
     let (state, epoch, awaiting, tlog, resync) = match &engine.link {
         Some(l) => (
             l.state.to_string(),
@@ -151,7 +216,9 @@ pub fn mirror_status(
                 });
                 ResyncView {
                     role: r.role.to_string(),
-                    full: r.full,
+                    // The engine knows "full" on the source only; the target has the
+                    // connect decision.
+                    full: r.full || (r.role == "target" && decision_full),
                     total_bytes: total,
                     done_bytes: r.done_bytes,
                     percent,
@@ -190,10 +257,38 @@ pub fn mirror_status(
         },
         dirty_bytes: engine.dirty_bytes,
         resync,
+        decision: facts.decision.map(|d| DecisionView {
+            text: d.text,
+            full_copy: d.full_copy,
+            age_ms: facts.now_ms.saturating_sub(d.at_ms),
+        }),
+        verify: engine.verify.as_ref().map(|v| {
+            let granularity =
+                u64::from(executor.with_engine(|e| e.meta().layout().granularity_bytes));
+            VerifyView {
+                running: v.running,
+                verified_bytes: v.verified_bytes,
+                total_bytes: v.total_bytes,
+                percent: if v.total_bytes == 0 {
+                    100.0
+                } else {
+                    (v.verified_bytes as f64 * 100.0 / v.total_bytes as f64).min(100.0)
+                },
+                differing_regions: v.differing_regions,
+                differing_bytes: v.differing_regions * granularity,
+                elapsed_ms: v.elapsed_ms,
+            }
+        }),
+        split_brain: facts.split_brain,
+        forced_permit: facts.forced_permit,
         fencing: match config.fencing {
             Fencing::ResourceOnly => "resource-only".into(),
             Fencing::Off => "off".into(),
         },
+        after_split_brain: serde_json::to_value(config.after_split_brain)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
         peer_timeout_ms: config.peer_timeout_ms,
         engine_stats: serde_json::to_value(engine.stats).unwrap_or_default(),
         meta_stats: serde_json::to_value(engine.meta).unwrap_or_default(),
@@ -270,7 +365,15 @@ fn render_mirror(m: &MirrorStatus, peer_name: &str) -> String {
     line("peer", peer);
     let c = &m.connection;
     let mut conn = c.state.clone();
-    if c.epoch.is_none() {
+    if let Some(b) = &c.link.broken {
+        conn.push_str(&format!(
+            " (BROKEN BY OPERATOR: {} at {}, {} ago; `mirrorctl rebuild {}` on this node reconnects)",
+            b.by,
+            b.at,
+            human_ms(b.age_ms),
+            m.name
+        ));
+    } else if c.epoch.is_none() {
         conn.push_str(&format!(" ({})", c.link.state));
     }
     if let Some(path) = c.link.path {
@@ -337,6 +440,48 @@ fn render_mirror(m: &MirrorStatus, peer_name: &str) -> String {
         }
         line("resync", text);
     }
+    if let Some(d) = &m.decision {
+        line(
+            "decision",
+            format!("{} ({} ago)", d.text, human_ms(d.age_ms)),
+        );
+    }
+    if let Some(v) = &m.verify {
+        let found = format!(
+            "{} differing region{} ({})",
+            v.differing_regions,
+            if v.differing_regions == 1 { "" } else { "s" },
+            human_bytes(v.differing_bytes)
+        );
+        let text = if v.running {
+            format!(
+                "running: {} of {} ({:.1} %), {found} so far",
+                human_bytes(v.verified_bytes),
+                human_bytes(v.total_bytes),
+                v.percent
+            )
+        } else if v.verified_bytes < v.total_bytes {
+            format!(
+                "INTERRUPTED after {} of {} (the link went down): {found}",
+                human_bytes(v.verified_bytes),
+                human_bytes(v.total_bytes)
+            )
+        } else if v.differing_regions > 0 {
+            format!(
+                "done: {} verified in {}, {found}, marked dirty: `mirrorctl rebuild {}` copies them",
+                human_bytes(v.verified_bytes),
+                human_ms(v.elapsed_ms),
+                m.name
+            )
+        } else {
+            format!(
+                "done: {} verified in {}, both sides identical",
+                human_bytes(v.verified_bytes),
+                human_ms(v.elapsed_ms)
+            )
+        };
+        line("verify", text);
+    }
     let export = if m.export.addresses.is_empty() {
         "none configured".to_string()
     } else if m.export.open {
@@ -351,6 +496,16 @@ fn render_mirror(m: &MirrorStatus, peer_name: &str) -> String {
     line("export", export);
     if let Some(problem) = &m.problem {
         line("problem", problem.clone());
+    }
+    if let Some(sb) = &m.split_brain {
+        let mut text = format!("detected {} ago", human_ms(sb.age_ms));
+        if let Some(hook) = &sb.hook {
+            text.push_str(&format!("; hook: {hook}"));
+        }
+        line("SPLIT BRAIN", text);
+    }
+    if let Some(f) = &m.forced_permit {
+        line("forced", format!("forced-permit by {} at {}", f.by, f.at));
     }
     if let Some(failure) = &m.failure {
         line("FAILED", failure.clone());
