@@ -558,3 +558,1209 @@ if __name__ == "__main__":
     sys.exit({"run": cmd_run, "summary": cmd_summary, "quiet": cmd_quiet}[cmd](rest))
 PY
 }
+
+# =====================================================================================
+# Replication and rebuild benchmarks (bench/replication-bench.sh, bench/rebuild-bench.sh).
+# Everything below is only used by those two scripts; nbd-bench.sh does not call it.
+# =====================================================================================
+
+# repl_wait_socket PID SOCKET TIMEOUT_S: waits until a unix socket file exists while PID
+# is alive (an agent's admin socket appears once every listener is bound).
+repl_wait_socket() {
+    local pid=$1 sock=$2 deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
+        kill -0 "$pid" 2>/dev/null || return 1
+        [[ -S $sock ]] && return 0
+        sleep 0.02
+    done
+    return 1
+}
+
+# repl_data_offset MIRRORCTL DIR SIZE_MIB: prints the data partition offset that
+# `mirrorctl create --data-size SIZE_MIB` gives (found on a sparse probe file).
+repl_data_offset() {
+    local ctl=$1 dir=$2 size_mib=$3 probe
+    probe=$dir/probe.img
+    truncate -s "$((size_mib + 256))M" "$probe"
+    "$ctl" create "$probe" --mirror db --node 1 --peer 2 --data-size "${size_mib}M" >/dev/null
+    "$ctl" inspect "$probe" --json |
+        /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["layout"]["data_offset"])'
+    rm -f -- "$probe"
+}
+
+# repl_make_disks MIRRORCTL DIR SIZE_MIB SEED_FILE OFFSET: DIR/alpha.img and
+# DIR/beta.img, mirror "db" (node ids 1 and 2), created --blank (UpToDate, same
+# generation), then the same SEED_FILE (random data) written into both data partitions,
+# so that they really are identical and nothing is sparse.
+repl_make_disks() {
+    local ctl=$1 dir=$2 size_mib=$3 seed=$4 off=$5 node peer n
+    for n in alpha beta; do
+        if [[ $n == alpha ]]; then node=1 peer=2; else node=2 peer=1; fi
+        rm -f -- "$dir/$n.img"
+        truncate -s "$((off + size_mib * 1048576))" "$dir/$n.img"
+        "$ctl" create "$dir/$n.img" --mirror db --node "$node" --peer "$peer" \
+            --data-size "${size_mib}M" --blank >/dev/null
+        dd if="$seed" of="$dir/$n.img" bs=1M oflag=seek_bytes seek="$off" conv=notrunc status=none
+    done
+}
+
+# repl_write_config FILE DIR A_REPL B_REPL A_NBD B_NBD: a two-node cluster on loopback
+# (nodes alpha and beta, mirror db), disks DIR/alpha.img and DIR/beta.img, admin
+# sockets DIR/alpha.sock and DIR/beta.sock, secret DIR/secret. No resync_rate: the
+# resync is paced by its adaptive in-flight window only.
+repl_write_config() {
+    local file=$1 dir=$2
+    cat >"$file" <<EOF
+# Written by bench/lib.sh repl_write_config: two agents on one machine.
+[cluster]
+name = "bench"
+secret_file = "$dir/secret"
+
+[[node]]
+name = "alpha"
+id = 1
+admin_socket = "$dir/alpha.sock"
+
+[[node]]
+name = "beta"
+id = 2
+admin_socket = "$dir/beta.sock"
+
+[[mirror]]
+name = "db"
+
+[mirror.node.alpha]
+device = "$dir/alpha.img"
+replication = ["127.0.0.1:$3"]
+nbd_listen = "127.0.0.1:$5"
+
+[mirror.node.beta]
+device = "$dir/beta.img"
+replication = ["127.0.0.1:$4"]
+nbd_listen = "127.0.0.1:$6"
+EOF
+}
+
+# repl_stop_agent PID LOG: SIGTERM, up to 15 s for the agent's drain, then SIGKILL;
+# appends the exit status to LOG. Returns 1 unless it exited 0 on its own.
+repl_stop_agent() {
+    local pid=$1 log=$2 i rc=0
+    if ! kill -0 "$pid" 2>/dev/null; then
+        wait "$pid" 2>/dev/null || rc=$?
+        echo "# agent had already exited, status $rc" >>"$log"
+        return 1
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        echo "# agent did not stop within 15 s of SIGTERM: killed" >>"$log"
+        return 1
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    echo "# agent exited with status $rc" >>"$log"
+    ((rc == 0))
+}
+
+# repl_py SUBCOMMAND ARGS...: the Python half of the replication and rebuild benchmarks.
+#   admin       one request to an agent's admin socket (JSON line in, JSON line out)
+#   get         one value from a node's status (Python expression on m, the first mirror)
+#   wait        poll a node's status until an expression holds (bounded)
+#   run         one fio run, CPU of one or more server processes sampled (like bench_py run)
+#   full-copy   `rebuild-full` on the source's admin socket, timed to in-sync
+#   copy-run    one nbdcopy between two servers, timed, with the servers' CPU
+#   diff-wait   after the secondary was restarted: time from link up to in-sync
+#   scatter     N distinct random 4 KiB writes through libnbd (python3-libnbd)
+#   load-run    fio against the primary, optionally with a full rebuild started at the
+#               end of fio's ramp; the primary's write counter is sampled throughout
+#   summary-repl, summary-rebuild   the markdown summaries
+repl_py() {
+    /usr/bin/python3 - "$@" <<'PY'
+import argparse, csv, json, math, os, socket, statistics, subprocess, sys, time
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+# ---------------------------------------------------------------- /proc readers
+
+def stat_fields(path):
+    with open(path) as f:
+        s = f.read()
+    return s[s.rindex(")") + 2:].split()
+
+def ticks_of(pid):
+    """utime + stime of a whole thread group (live and exited threads, io_uring
+    workers included), in clock ticks; None once the process is gone or a zombie."""
+    try:
+        f = stat_fields(f"/proc/{pid}/stat")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if f[0] in ("Z", "X"):
+        return None
+    return int(f[11]) + int(f[12])
+
+def ticks_sum(pids):
+    vals = [ticks_of(p) for p in pids]
+    return None if any(v is None for v in vals) else sum(vals)
+
+def status_kib(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM", "Threads"):
+                    out[k] = int(v.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+def thread_cpus(pid, allowed, seen):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("Cpus_allowed_list:"):
+                        allowed.add(line.split(":", 1)[1].strip())
+            seen.add(stat_fields(f"/proc/{pid}/task/{tid}/stat")[36])
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            pass
+
+def cpu_jiffies(cpus):
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *v = line.split()
+            if name[3:] and int(name[3:]) in cpus:
+                v = [int(x) for x in v]
+                out[int(name[3:])] = (v[0] + v[1] + v[2] + v[5] + v[6], v[6])
+    return out
+
+def busy_pct(j0, j1, cpu, seconds):
+    return 100.0 * (j1[cpu][0] - j0[cpu][0]) / HZ / seconds if seconds > 0 else 0.0
+
+def tcp_counters():
+    out = {}
+    for path, keys in (("/proc/net/snmp", ("RetransSegs",)), ("/proc/net/netstat", ("TCPTimeouts",))):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        for head, vals in zip(lines[::2], lines[1::2]):
+            for k, v in zip(head.split()[1:], vals.split()[1:]):
+                if k in keys:
+                    out[k] = int(v)
+    return out
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+def interp(samples, t):
+    if t <= samples[0][0]:
+        return samples[0][1]
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+        if t0 <= t <= t1:
+            return c0 if t1 == t0 else c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+    return samples[-1][1]
+
+def self_cpu_s():
+    t = os.times()
+    return t.user + t.system
+
+# ---------------------------------------------------------------- admin socket
+
+def admin(sock, obj, timeout=30.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(sock)
+        s.sendall((json.dumps(obj) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        s.close()
+    return json.loads(buf)
+
+def node_status(sock):
+    r = admin(sock, {"command": "status"})
+    if not r.get("ok"):
+        raise RuntimeError(r.get("error", "status failed"))
+    return r["status"]
+
+def first_mirror(sock):
+    return node_status(sock)["mirrors"][0]
+
+def in_sync(m):
+    """Both sides UpToDate, connected, no resync, nothing dirty: the mirror is
+    redundant. The peer's disk state is as last heard, hence dirty_bytes == 0 too."""
+    p = m.get("peer") or {}
+    return (m["connection"]["state"] == "connected" and m["resync"] is None
+            and m["disk_state"] == "UpToDate" and p.get("disk_state") == "UpToDate"
+            and m["dirty_bytes"] == 0)
+
+def brief(m):
+    p = m.get("peer") or {}
+    r = m.get("resync")
+    return "role %s disk %s peer %s conn %s (link %s) dirty %d%s%s" % (
+        m["role"], m["disk_state"], p.get("disk_state", "unknown"), m["connection"]["state"],
+        m["connection"]["link"]["state"], m["dirty_bytes"],
+        (" resync %s %s/%s" % (r["role"], r["done_bytes"], r["total_bytes"])) if r else "",
+        (" problem: %s" % m["problem"]) if m.get("problem") else "")
+
+def cmd_admin(argv):
+    ap = argparse.ArgumentParser(prog="repl_py admin")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args(argv)
+    r = admin(a.socket, json.loads(a.json))
+    if not r.get("ok"):
+        print(r.get("error", json.dumps(r)), file=sys.stderr)
+        return 1
+    print(r.get("message", ""))
+    return 0
+
+def cmd_get(argv):
+    ap = argparse.ArgumentParser(prog="repl_py get")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--expr", required=True)
+    a = ap.parse_args(argv)
+    s = node_status(a.socket)
+    m = s["mirrors"][0]
+    v = eval(a.expr, {"m": m, "s": s, "in_sync": in_sync, "brief": brief})
+    print(json.dumps(v) if isinstance(v, (bool, type(None), dict, list)) else v)
+    return 0
+
+def cmd_wait(argv):
+    ap = argparse.ArgumentParser(prog="repl_py wait")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--until", required=True, help="Python expression on m (first mirror) and s")
+    ap.add_argument("--timeout", type=float, required=True)
+    ap.add_argument("--interval", type=float, default=0.02)
+    a = ap.parse_args(argv)
+    start = time.time()
+    last = "no answer"
+    while True:
+        try:
+            s = node_status(a.socket)
+            m = s["mirrors"][0]
+            if eval(a.until, {"m": m, "s": s, "in_sync": in_sync}):
+                print("%.3f" % (time.time() - start))
+                return 0
+            last = brief(m)
+        except (OSError, ValueError, RuntimeError) as e:
+            last = "no answer (%s)" % e
+        if time.time() - start > a.timeout:
+            print("timeout after %.0f s waiting for %s on %s; last status: %s" % (
+                a.timeout, a.until, a.socket, last), file=sys.stderr)
+            return 1
+        time.sleep(a.interval)
+
+# ---------------------------------------------------------------- CSV
+
+def append_row(path, fields, row):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+def meta_dict(meta):
+    return dict(kv.split("=", 1) for kv in meta)
+
+# ---------------------------------------------------------------- one fio run
+
+RUN_FIELDS = [
+    "round", "workload", "server", "position", "kind", "rw", "bs", "iodepth",
+    "status", "runtime_s", "ios", "iops", "bw_MBps", "clat_p50_us", "clat_p99_us",
+    "clat_mean_us", "server_cpu_s", "server_cpu_us_per_io", "server_cpu_util_pct",
+    "server_cpu_total_s", "fio_cpu_pct", "foreign_server_cpu_pct", "foreign_fio_cpu_pct",
+    "softirq_server_cpu_pct", "tcp_retrans_segs", "tcp_timeouts", "loadavg",
+    "rss_idle_kib", "rss_peak_kib", "rss_peak_kib_each", "threads", "pids",
+    "cpus_allowed", "cpus_seen", "port", "json",
+]
+
+def cmd_run(argv):
+    """bench_py run, for a server made of several processes (the two agents): CPU is
+    the sum over --pid, sampled every 20 ms, taken over fio's measured window."""
+    ap = argparse.ArgumentParser(prog="repl_py run")
+    ap.add_argument("--pid", type=int, action="append", required=True)
+    ap.add_argument("--fio-cpu", type=int, required=True)
+    ap.add_argument("--server-cpu", type=int, required=True)
+    ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--timeout", type=float, required=True)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    ap.add_argument("fio", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    fio = a.fio[1:] if a.fio[:1] == ["--"] else a.fio
+    row = meta_dict(a.meta)
+    row["json"] = os.path.basename(a.json)
+    row["pids"] = "|".join(map(str, a.pid))
+    os.sched_setaffinity(0, {a.fio_cpu})
+    pids = a.pid
+    ticks_before = ticks_sum(pids)
+    row["rss_idle_kib"] = sum(status_kib(p).get("VmRSS", 0) for p in pids)
+    allowed, seen = set(), set()
+    for p in pids:
+        thread_cpus(p, allowed, seen)
+    status = "ok" if ticks_before is not None else "server-died"
+    tcp_before = tcp_counters()
+    cpus = {a.server_cpu, a.fio_cpu}
+    rc = None
+    if status == "ok":
+        with open(a.log, "ab") as log:
+            p = subprocess.Popen(["nice", "-n", str(a.nice), "taskset", "-c", str(a.fio_cpu)] + fio,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            t_launch = time.time()
+            samples = [(t_launch, ticks_before)]
+            jiffies = [(t_launch, cpu_jiffies(cpus))]
+            last_affinity = t_launch
+            while p.poll() is None:
+                now = time.time()
+                if now - jiffies[-1][0] >= 0.1:
+                    jiffies.append((now, cpu_jiffies(cpus)))
+                ticks = ticks_sum(pids)
+                if ticks is None:
+                    status = "server-died"
+                    p.kill()
+                    break
+                samples.append((now, ticks))
+                if now - last_affinity > 0.5:
+                    for q in pids:
+                        thread_cpus(q, allowed, seen)
+                    last_affinity = now
+                if now - t_launch > a.timeout:
+                    status = "timeout"
+                    p.kill()
+                    break
+                time.sleep(0.02)
+            rc = p.wait()
+    tcp_after = tcp_counters()
+    row["tcp_retrans_segs"] = tcp_after["RetransSegs"] - tcp_before["RetransSegs"]
+    row["tcp_timeouts"] = tcp_after["TCPTimeouts"] - tcp_before["TCPTimeouts"]
+    row["loadavg"] = loadavg()
+    if status == "ok":
+        ticks_after = ticks_sum(pids)
+        if ticks_after is None:
+            status = "server-died"
+        else:
+            samples.append((time.time(), ticks_after))
+            jiffies.append((time.time(), cpu_jiffies(cpus)))
+            sts = [status_kib(q) for q in pids]
+            for q in pids:
+                thread_cpus(q, allowed, seen)
+            row["rss_peak_kib"] = sum(st.get("VmHWM", 0) for st in sts)
+            row["rss_peak_kib_each"] = "|".join(str(st.get("VmHWM", "")) for st in sts)
+            row["threads"] = sum(st.get("Threads", 0) for st in sts)
+            row["server_cpu_total_s"] = "%.3f" % ((ticks_after - ticks_before) / HZ)
+    row["cpus_allowed"] = "|".join(sorted(allowed))
+    row["cpus_seen"] = "|".join(sorted(seen, key=int))
+    if status == "ok":
+        try:
+            with open(a.json) as f:
+                text = f.read()
+            d = json.loads(text[text.index("{"):])
+            job = d["jobs"][0]
+            if rc != 0 or job["error"] != 0:
+                status = "fio-error"
+        except (OSError, ValueError, KeyError, IndexError):
+            status = "fio-error"
+    if status == "ok":
+        x = job["read" if "read" in row["rw"] else "write"]
+        clat = x["clat_ns"]
+        runtime_s = job["job_runtime"] / 1000.0
+        t_end = d["timestamp_ms"] / 1000.0
+        cpu_s = (interp(samples, t_end) - interp(samples, t_end - runtime_s)) / HZ
+
+        def cpu_pct(cpu, index):
+            series = [(t, j[cpu][index]) for t, j in jiffies]
+            used = interp(series, t_end) - interp(series, t_end - runtime_s)
+            return 100 * used / HZ / runtime_s
+        fio_pct = job["usr_cpu"] + job["sys_cpu"]
+        row["foreign_server_cpu_pct"] = "%.1f" % (cpu_pct(a.server_cpu, 0) - 100 * cpu_s / runtime_s)
+        row["foreign_fio_cpu_pct"] = "%.1f" % (cpu_pct(a.fio_cpu, 0) - fio_pct)
+        row["softirq_server_cpu_pct"] = "%.1f" % cpu_pct(a.server_cpu, 1)
+        ios = x["total_ios"]
+        row.update({
+            "runtime_s": "%.3f" % runtime_s, "ios": ios, "iops": "%.1f" % x["iops"],
+            "bw_MBps": "%.2f" % (x["bw_bytes"] / 1e6),
+            "clat_p50_us": "%.2f" % (clat["percentile"]["50.000000"] / 1000),
+            "clat_p99_us": "%.2f" % (clat["percentile"]["99.000000"] / 1000),
+            "clat_mean_us": "%.2f" % (clat["mean"] / 1000),
+            "server_cpu_s": "%.3f" % cpu_s,
+            "server_cpu_us_per_io": "%.3f" % (cpu_s * 1e6 / ios) if ios else "",
+            "server_cpu_util_pct": "%.1f" % (100 * cpu_s / runtime_s) if runtime_s else "",
+            "fio_cpu_pct": "%.1f" % fio_pct,
+        })
+    row["status"] = status
+    append_row(a.csv, RUN_FIELDS, row)
+    if status != "ok":
+        print(f"    {row.get('server')}: {status} (see {a.log})", file=sys.stderr)
+        return 1
+    main = {"iops": "%.1fk IOPS" % (float(row["iops"]) / 1000),
+            "bw": "%.0f MB/s" % float(row["bw_MBps"]),
+            "lat": "p50 %.1f us" % float(row["clat_p50_us"])}[row["kind"]]
+    print("    %-10s %-16s cpu %7.2f us/io (%5.1f%%)  fio %5.1f%%  rss %5.1f MiB  other load %s%%/%s%%%s" % (
+        row["server"], main, float(row["server_cpu_us_per_io"]), float(row["server_cpu_util_pct"]),
+        float(row["fio_cpu_pct"]), int(row["rss_peak_kib"]) / 1024, row["foreign_server_cpu_pct"],
+        row["foreign_fio_cpu_pct"],
+        "  tcp retransmits %d (timeouts %d)" % (row["tcp_retrans_segs"], row["tcp_timeouts"])
+        if row["tcp_retrans_segs"] else ""), file=sys.stderr)
+    return 0
+
+# ---------------------------------------------------------------- full copies
+
+COPY_FIELDS = [
+    "round", "method", "position", "status", "bytes", "seconds", "seconds_lo", "MBps",
+    "polls", "resync_bytes_sent", "server_cpu_s", "client_cpu_s", "server_cpu_util_pct",
+    "foreign_server_cpu_pct", "foreign_client_cpu_pct", "tcp_retrans_segs", "tcp_timeouts",
+    "loadavg", "note",
+]
+
+def finish_copy_row(row, j0, j1, elapsed, cpus, server_cpu_s, client_cpu_s, tcp0):
+    server_cpu, client_cpu = cpus
+    row["server_cpu_s"] = "%.3f" % server_cpu_s
+    row["client_cpu_s"] = "%.3f" % client_cpu_s
+    row["server_cpu_util_pct"] = "%.1f" % (100 * server_cpu_s / elapsed)
+    row["foreign_server_cpu_pct"] = "%.1f" % (busy_pct(j0, j1, server_cpu, elapsed) - 100 * server_cpu_s / elapsed)
+    row["foreign_client_cpu_pct"] = "%.1f" % (busy_pct(j0, j1, client_cpu, elapsed) - 100 * client_cpu_s / elapsed)
+    tcp1 = tcp_counters()
+    row["tcp_retrans_segs"] = tcp1["RetransSegs"] - tcp0["RetransSegs"]
+    row["tcp_timeouts"] = tcp1["TCPTimeouts"] - tcp0["TCPTimeouts"]
+    row["loadavg"] = loadavg()
+
+def cmd_full_copy(argv):
+    """Sends rebuild-full to the source agent and polls its status every --interval
+    until the mirror is in sync again. The time is from just before the request to the
+    first status answer that shows it in sync (an upper bound; seconds_lo is the last
+    answer that did not). The poller runs on the client CPU; its own CPU is the
+    client's."""
+    ap = argparse.ArgumentParser(prog="repl_py full-copy")
+    ap.add_argument("--source", required=True, help="source agent's admin socket")
+    ap.add_argument("--target", required=True, help="target agent's admin socket")
+    ap.add_argument("--mirror", required=True)
+    ap.add_argument("--from", dest="from_node", required=True)
+    ap.add_argument("--pid", type=int, action="append", required=True)
+    ap.add_argument("--server-cpu", type=int, required=True)
+    ap.add_argument("--client-cpu", type=int, required=True)
+    ap.add_argument("--interval", type=float, default=0.01)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    a = ap.parse_args(argv)
+    os.sched_setaffinity(0, {a.client_cpu})
+    row = meta_dict(a.meta)
+    m0 = first_mirror(a.source)
+    if not in_sync(m0):
+        row["status"] = "not-in-sync-before"
+        row["note"] = brief(m0)
+        append_row(a.csv, COPY_FIELDS, row)
+        print("    source not in sync before the copy: " + brief(m0), file=sys.stderr)
+        return 1
+    sent0 = m0["engine_stats"]["resync_bytes_sent"]
+    cpus = (a.server_cpu, a.client_cpu)
+    tcp0 = tcp_counters()
+    ticks0, self0, j0 = ticks_sum(a.pid), self_cpu_s(), cpu_jiffies(set(cpus))
+    t0 = time.time()
+    r = admin(a.source, {"command": "rebuild-full", "mirror": a.mirror, "from": a.from_node})
+    if not r.get("ok"):
+        row["status"] = "refused"
+        row["note"] = r.get("error", "")
+        append_row(a.csv, COPY_FIELDS, row)
+        print("    rebuild refused: " + row["note"], file=sys.stderr)
+        return 1
+    polls, last_not_done, total, seen_resync = 0, t0, None, False
+    status = "ok"
+    while True:
+        time.sleep(a.interval)
+        m = first_mirror(a.source)
+        now = time.time()
+        polls += 1
+        if m["resync"] is not None:
+            seen_resync = True
+            total = m["resync"].get("total_bytes") or total
+        sent = m["engine_stats"]["resync_bytes_sent"] - sent0
+        if in_sync(m) and (seen_resync or sent > 0):
+            break
+        last_not_done = now
+        if now - t0 > a.timeout:
+            status = "timeout"
+            break
+    elapsed = now - t0
+    ticks1, self1, j1 = ticks_sum(a.pid), self_cpu_s(), cpu_jiffies(set(cpus))
+    row.update({"status": status, "seconds": "%.4f" % elapsed, "seconds_lo": "%.4f" % (last_not_done - t0),
+                "polls": polls, "resync_bytes_sent": sent})
+    nbytes = total or sent
+    row["bytes"] = nbytes
+    row["MBps"] = "%.1f" % (nbytes / elapsed / 1e6)
+    if ticks1 is None:
+        row["status"] = "server-died"
+    else:
+        finish_copy_row(row, j0, j1, elapsed, cpus, (ticks1 - ticks0) / HZ, self1 - self0, tcp0)
+    if row["status"] == "ok":
+        # Not timed: the target must agree that it is UpToDate.
+        deadline = time.time() + 10
+        while True:
+            mt = first_mirror(a.target)
+            if mt["disk_state"] == "UpToDate" and mt["connection"]["state"] == "connected":
+                break
+            if time.time() > deadline:
+                row["status"] = "target-not-uptodate"
+                row["note"] = brief(mt)
+                break
+            time.sleep(0.02)
+    append_row(a.csv, COPY_FIELDS, row)
+    if row["status"] != "ok":
+        print("    full copy: %s %s" % (row["status"], row.get("note", "")), file=sys.stderr)
+        return 1
+    print("    %-10s %6.3f s  %6.0f MB/s  agents cpu %.2f s (%.0f%%)  resync sent %d B  other load %s%%/%s%%" % (
+        row.get("method", "mirror"), elapsed, float(row["MBps"]), float(row["server_cpu_s"]),
+        float(row["server_cpu_util_pct"]), sent, row["foreign_server_cpu_pct"],
+        row["foreign_client_cpu_pct"]), file=sys.stderr)
+    return 0
+
+def cmd_copy_run(argv):
+    """One client copy (nbdcopy) between servers --pid: wall time of the client,
+    servers' CPU over it, the client's own CPU from its rusage."""
+    ap = argparse.ArgumentParser(prog="repl_py copy-run")
+    ap.add_argument("--pid", type=int, action="append", required=True)
+    ap.add_argument("--bytes", type=int, required=True)
+    ap.add_argument("--server-cpu", type=int, required=True)
+    ap.add_argument("--client-cpu", type=int, required=True)
+    ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    os.sched_setaffinity(0, {a.client_cpu})
+    row = meta_dict(a.meta)
+    cpus = (a.server_cpu, a.client_cpu)
+    tcp0 = tcp_counters()
+    ticks0, j0 = ticks_sum(a.pid), cpu_jiffies(set(cpus))
+    status = "ok"
+    with open(a.log, "ab") as log:
+        t0 = time.time()
+        p = subprocess.Popen(["nice", "-n", str(a.nice), "taskset", "-c", str(a.client_cpu)] + cmd,
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        while True:
+            pid, st, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() - t0 > a.timeout:
+                p.kill()
+                pid, st, ru = os.wait4(p.pid, 0)
+                status = "timeout"
+                break
+            time.sleep(0.002)
+        elapsed = time.time() - t0
+    ticks1, j1 = ticks_sum(a.pid), cpu_jiffies(set(cpus))
+    if status == "ok" and os.waitstatus_to_exitcode(st) != 0:
+        status = "client-error"
+    if ticks1 is None:
+        status = "server-died"
+    row.update({"status": status, "seconds": "%.4f" % elapsed, "seconds_lo": "%.4f" % elapsed,
+                "bytes": a.bytes, "MBps": "%.1f" % (a.bytes / elapsed / 1e6), "polls": "",
+                "resync_bytes_sent": ""})
+    if ticks1 is not None:
+        finish_copy_row(row, j0, j1, elapsed, cpus, (ticks1 - ticks0) / HZ, ru.ru_utime + ru.ru_stime, tcp0)
+    append_row(a.csv, COPY_FIELDS, row)
+    if status != "ok":
+        print("    %s: %s (see %s)" % (row.get("method"), status, a.log), file=sys.stderr)
+        return 1
+    print("    %-10s %6.3f s  %6.0f MB/s  servers cpu %.2f s (%.0f%%)  client cpu %.2f s  other load %s%%/%s%%" % (
+        row.get("method"), elapsed, float(row["MBps"]), float(row["server_cpu_s"]),
+        float(row["server_cpu_util_pct"]), float(row["client_cpu_s"]),
+        row["foreign_server_cpu_pct"], row["foreign_client_cpu_pct"]), file=sys.stderr)
+    return 0
+
+# ---------------------------------------------------------------- differential rebuild
+
+DIFF_FIELDS = [
+    "round", "kind", "status", "seconds", "seconds_lo", "reconnect_s", "saw_sync_source",
+    "dirty_bytes_before", "resync_bytes_sent", "written_bytes", "polls", "epoch",
+    "server_cpu_s", "loadavg", "note",
+]
+
+def cmd_diff_wait(argv):
+    """Run right after the secondary was started again. Polls the primary (the sync
+    source) every --interval: waits for a new link (epoch above --epoch-before), then
+    for the mirror to be in sync. The time is the link's own up_ms in the first answer
+    that shows it in sync (from link up, so the dialers' reconnect backoff is
+    excluded; an upper bound), seconds_lo the up_ms of the last answer on that link
+    that did not. The link-up moment itself is taken from up_ms too."""
+    ap = argparse.ArgumentParser(prog="repl_py diff-wait")
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--epoch-before", type=int, required=True)
+    ap.add_argument("--sent-before", type=int, required=True)
+    ap.add_argument("--dirty-before", type=int, required=True)
+    ap.add_argument("--written", type=int, default=0)
+    ap.add_argument("--t-start", type=float, required=True, help="wall time the secondary was started")
+    ap.add_argument("--pid", type=int, action="append", default=[])
+    ap.add_argument("--server-cpu", type=int, required=True)
+    ap.add_argument("--client-cpu", type=int, required=True)
+    ap.add_argument("--interval", type=float, default=0.002)
+    ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    a = ap.parse_args(argv)
+    os.sched_setaffinity(0, {a.client_cpu})
+    row = meta_dict(a.meta)
+    row.update({"kind": "differential", "dirty_bytes_before": a.dirty_before, "written_bytes": a.written})
+    polls, lo_ms, link_up_wall, saw_source, epoch = 0, 0, None, False, None
+    status, note = "ok", ""
+    ticks0 = None
+    while True:
+        try:
+            m = first_mirror(a.source)
+        except (OSError, ValueError, RuntimeError) as e:
+            status, note = "no-answer", str(e)
+            break
+        now = time.time()
+        polls += 1
+        link = m["connection"]["link"]
+        ep = link.get("epoch")
+        if link["state"] == "connected" and ep is not None and ep > a.epoch_before and link.get("up_ms") is not None:
+            if epoch is None:
+                epoch = ep
+                link_up_wall = now - link["up_ms"] / 1000.0
+                ticks0 = ticks_sum(a.pid)
+            elif ep != epoch:
+                status, note = "link-dropped", "the link went down during the resync (epoch %s -> %s)" % (epoch, ep)
+                break
+            if m["connection"]["state"] == "sync-source":
+                saw_source = True
+            if in_sync(m):
+                done_ms = link["up_ms"]
+                break
+            lo_ms = link["up_ms"]
+        if now - a.t_start > a.timeout:
+            status, note = "timeout", brief(m)
+            break
+        time.sleep(a.interval)
+    row.update({"status": status, "note": note, "polls": polls, "epoch": epoch or "",
+                "saw_sync_source": int(saw_source),
+                "resync_bytes_sent": m["engine_stats"]["resync_bytes_sent"] - a.sent_before if status != "no-answer" else ""})
+    if status == "ok":
+        row["seconds"] = "%.4f" % (done_ms / 1000.0)
+        row["seconds_lo"] = "%.4f" % (lo_ms / 1000.0)
+        row["reconnect_s"] = "%.3f" % (link_up_wall - a.t_start)
+        ticks1 = ticks_sum(a.pid)
+        if ticks0 is not None and ticks1 is not None:
+            row["server_cpu_s"] = "%.3f" % ((ticks1 - ticks0) / HZ)
+    row["loadavg"] = loadavg()
+    append_row(a.csv, DIFF_FIELDS, row)
+    if status != "ok":
+        print("    differential: %s: %s" % (status, note), file=sys.stderr)
+        return 1
+    print("    differential %.1f ms from link up (> %.1f ms)%s, reconnect %.0f ms; resync sent %d B (dirty before %d B, written %d B); %d polls" % (
+        done_ms, lo_ms, "" if saw_source else " [sync-source never observed]",
+        1000 * float(row["reconnect_s"]), row["resync_bytes_sent"], a.dirty_before, a.written, polls),
+        file=sys.stderr)
+    return 0
+
+def cmd_scatter(argv):
+    ap = argparse.ArgumentParser(prog="repl_py scatter")
+    ap.add_argument("--uri", required=True)
+    ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--bs", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args(argv)
+    import nbd, random
+    h = nbd.NBD()
+    h.connect_uri(a.uri)
+    size = h.get_size()
+    rnd = random.Random(a.seed)
+    blocks = rnd.sample(range(size // a.bs), a.count)
+    t0 = time.time()
+    for b in blocks:
+        h.pwrite(rnd.randbytes(a.bs), b * a.bs)
+    h.flush()
+    h.shutdown()
+    print(json.dumps({"count": a.count, "bytes": a.count * a.bs, "size": size, "seconds": round(time.time() - t0, 3)}))
+    return 0
+
+# ---------------------------------------------------------------- rebuild under load
+
+LOAD_FIELDS = [
+    "round", "phase", "status", "fio_iops", "fio_runtime_s", "server_iops", "window_s",
+    "rebuild_s", "rebuild_done_during_fio", "rebuild_bytes", "clat_p50_us", "clat_p99_us",
+    "agents_cpu_util_pct", "fio_cpu_pct", "foreign_server_cpu_pct", "foreign_fio_cpu_pct",
+    "tcp_retrans_segs", "tcp_timeouts", "loadavg", "note",
+]
+
+def cmd_load_run(argv):
+    """fio against the primary's export; the primary's status is polled every
+    --interval throughout (its engine write counter gives the application's write rate
+    over any window). With --rebuild-from, a full rebuild is requested when fio's ramp
+    ends, and the poll goes on after fio until the mirror is in sync again.
+    server_iops: idle run, over fio's measured window; rebuild run, over the part of
+    that window during which the rebuild ran."""
+    ap = argparse.ArgumentParser(prog="repl_py load-run")
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--mirror", required=True)
+    ap.add_argument("--rebuild-from", default="")
+    ap.add_argument("--ramp", type=float, required=True)
+    ap.add_argument("--pid", type=int, action="append", required=True)
+    ap.add_argument("--server-cpu", type=int, required=True)
+    ap.add_argument("--fio-cpu", type=int, required=True)
+    ap.add_argument("--nice", type=int, default=0)
+    ap.add_argument("--interval", type=float, default=0.02)
+    ap.add_argument("--timeout", type=float, required=True)
+    ap.add_argument("--rebuild-timeout", type=float, default=600)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--meta", action="append", default=[])
+    ap.add_argument("fio", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    fio = a.fio[1:] if a.fio[:1] == ["--"] else a.fio
+    os.sched_setaffinity(0, {a.fio_cpu})
+    row = meta_dict(a.meta)
+    cpus = {a.server_cpu, a.fio_cpu}
+    m0 = first_mirror(a.source)
+    if not in_sync(m0):
+        row.update({"status": "not-in-sync-before", "note": brief(m0)})
+        append_row(a.csv, LOAD_FIELDS, row)
+        print("    not in sync before the run: " + brief(m0), file=sys.stderr)
+        return 1
+    sent0 = m0["engine_stats"]["resync_bytes_sent"]
+    tcp0 = tcp_counters()
+    samples = []          # (t, writes, resync running, agents' ticks)
+    jiffies = []
+    status, note = "ok", ""
+    t_rebuild_start = t_rebuild_end = None
+    seen_resync = False
+    with open(a.log, "ab") as log:
+        p = subprocess.Popen(["nice", "-n", str(a.nice), "taskset", "-c", str(a.fio_cpu)] + fio,
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        t_launch = time.time()
+        rc = None
+        while True:
+            now = time.time()
+            try:
+                m = first_mirror(a.source)
+            except (OSError, ValueError, RuntimeError) as e:
+                status, note = "no-answer", str(e)
+                p.kill()
+                break
+            now = time.time()
+            tk = ticks_sum(a.pid)
+            if tk is None:
+                status = "server-died"
+                p.kill()
+                break
+            running = m["resync"] is not None
+            seen_resync = seen_resync or running
+            samples.append((now, m["engine_stats"]["writes"], running, tk))
+            if not jiffies or now - jiffies[-1][0] >= 0.1:
+                jiffies.append((now, cpu_jiffies(cpus)))
+            if a.rebuild_from and t_rebuild_start is None and now - t_launch >= a.ramp:
+                t_rebuild_start = time.time()
+                r = admin(a.source, {"command": "rebuild-full", "mirror": a.mirror, "from": a.rebuild_from})
+                if not r.get("ok"):
+                    status, note = "refused", r.get("error", "")
+                    p.kill()
+                    break
+            if t_rebuild_start is not None and t_rebuild_end is None and now > t_rebuild_start \
+                    and (seen_resync or m["engine_stats"]["resync_bytes_sent"] > sent0) and in_sync(m):
+                t_rebuild_end = now
+            if rc is None:
+                rc = p.poll()
+            if rc is not None and (not a.rebuild_from or t_rebuild_end is not None):
+                break
+            if rc is None and now - t_launch > a.timeout:
+                status = "timeout"
+                p.kill()
+                break
+            if t_rebuild_start is not None and t_rebuild_end is None and now - t_rebuild_start > a.rebuild_timeout:
+                status, note = "rebuild-timeout", brief(m)
+                break
+            time.sleep(a.interval)
+        if rc is None:
+            rc = p.wait()
+    tcp1 = tcp_counters()
+    row.update({"tcp_retrans_segs": tcp1["RetransSegs"] - tcp0["RetransSegs"],
+                "tcp_timeouts": tcp1["TCPTimeouts"] - tcp0["TCPTimeouts"], "loadavg": loadavg()})
+    job = None
+    if status in ("ok", "rebuild-timeout"):
+        try:
+            with open(a.json) as f:
+                text = f.read()
+            d = json.loads(text[text.index("{"):])
+            job = d["jobs"][0]
+            if rc != 0 or job["error"] != 0:
+                status = "fio-error"
+        except (OSError, ValueError, KeyError, IndexError):
+            status = "fio-error"
+    if job is not None and status in ("ok", "rebuild-timeout"):
+        x = job["write"]
+        runtime_s = job["job_runtime"] / 1000.0
+        t_end = d["timestamp_ms"] / 1000.0
+        w0, w1 = t_end - runtime_s, t_end
+        if a.rebuild_from and t_rebuild_start is not None:
+            w0 = max(w0, t_rebuild_start)
+            if t_rebuild_end is not None:
+                w1 = min(w1, t_rebuild_end)
+        ws = [(t, w) for t, w, _, _ in samples]
+        ts = [(t, k) for t, _, _, k in samples]
+        window = w1 - w0
+        row.update({
+            "fio_iops": "%.1f" % x["iops"], "fio_runtime_s": "%.3f" % runtime_s,
+            "clat_p50_us": "%.2f" % (x["clat_ns"]["percentile"]["50.000000"] / 1000),
+            "clat_p99_us": "%.2f" % (x["clat_ns"]["percentile"]["99.000000"] / 1000),
+            "fio_cpu_pct": "%.1f" % (job["usr_cpu"] + job["sys_cpu"]),
+            "window_s": "%.3f" % window,
+        })
+        if window > 0.2:
+            row["server_iops"] = "%.1f" % ((interp(ws, w1) - interp(ws, w0)) / window)
+            agents = (interp(ts, w1) - interp(ts, w0)) / HZ / window * 100
+            row["agents_cpu_util_pct"] = "%.1f" % agents
+
+            def cpu_pct(cpu):
+                series = [(t, j[cpu][0]) for t, j in jiffies]
+                return 100 * (interp(series, w1) - interp(series, w0)) / HZ / window
+            row["foreign_server_cpu_pct"] = "%.1f" % (cpu_pct(a.server_cpu) - agents)
+            row["foreign_fio_cpu_pct"] = "%.1f" % (cpu_pct(a.fio_cpu) - float(row["fio_cpu_pct"]))
+        else:
+            note = "rebuild overlapped fio's measured window by only %.3f s" % window
+            status = "short-window"
+        if a.rebuild_from:
+            if t_rebuild_end is not None:
+                row["rebuild_s"] = "%.3f" % (t_rebuild_end - t_rebuild_start)
+                row["rebuild_done_during_fio"] = int(t_rebuild_end <= t_end)
+            row["rebuild_bytes"] = first_mirror(a.source)["engine_stats"]["resync_bytes_sent"] - sent0
+    row.update({"status": status, "note": note})
+    append_row(a.csv, LOAD_FIELDS, row)
+    if status != "ok":
+        print("    %s: %s %s (see %s)" % (row.get("phase"), status, note, a.log), file=sys.stderr)
+        return 1
+    print("    %-8s fio %7.1fk IOPS, server %7.1fk IOPS over %.2f s%s  agents cpu %s%%  fio %s%%  other load %s%%/%s%%" % (
+        row["phase"], float(row["fio_iops"]) / 1000, float(row["server_iops"]) / 1000, window,
+        ("; rebuild %s s (%s)" % (row.get("rebuild_s"), "done during fio" if row.get("rebuild_done_during_fio") else "outlasted fio"))
+        if a.rebuild_from else "", row["agents_cpu_util_pct"], row["fio_cpu_pct"],
+        row["foreign_server_cpu_pct"], row["foreign_fio_cpu_pct"]), file=sys.stderr)
+    return 0
+
+# ---------------------------------------------------------------- summaries
+
+FOREIGN_PCT_WARN = 10
+
+def med(vals):
+    return statistics.median(vals) if vals else None
+
+def spread(values):
+    m = statistics.median(values)
+    return 100 * (max(values) - min(values)) / 2 / m if m and len(values) > 1 else 0.0
+
+def fmt(v, kind):
+    if v is None:
+        return "–"
+    return {"iops": lambda x: "%.1fk" % (x / 1000), "bw": lambda x: "%.0f" % x,
+            "lat": lambda x: "%.1f" % x, "MBps": lambda x: "%.0f" % x}[kind](v)
+
+def cell(vals, kind):
+    if not vals:
+        return "–"
+    return fmt(med(vals), kind) + (" ±%.0f%%" % spread(vals) if len(vals) > 1 else "")
+
+def verdict(ok):
+    return "PASS" if ok else "FAIL"
+
+def read_csv(path):
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+LABELS = {"write-1m-qd16": "1 MiB seq write QD16", "randwrite-4k-qd32": "4K randwrite QD32",
+          "write-4k-qd1": "4K write QD1 latency"}
+UNITS = {"iops": "IOPS", "bw": "MB/s", "lat": "p50 µs"}
+REPL, SERVE, QEMU, NBDKIT = "replicated", "serve", "qemu-nbd", "nbdkit"
+VS_QEMU_MIN, VS_NBDKIT_MIN, CPU_RATIO_MAX, QD1_EXTRA_US_MAX, COPY_RATIO_MIN = 0.9, 0.45, 2.3, 100.0, 1.0
+
+def cmd_summary_repl(argv):
+    ap = argparse.ArgumentParser(prog="repl_py summary-repl")
+    ap.add_argument("--csv", required=True)
+    ap.add_argument("--copy-csv", default="")
+    ap.add_argument("--servers", required=True)
+    ap.add_argument("--workloads", required=True)
+    a = ap.parse_args(argv)
+    servers = a.servers.split(",")
+    rows = read_csv(a.csv)
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] != "ok"]
+
+    def runs(w, s):
+        return [r for r in ok if r["workload"] == w and r["server"] == s]
+
+    def metric(r):
+        return float({"iops": r["iops"], "bw": r["bw_MBps"], "lat": r["clat_p50_us"]}[r["kind"]])
+
+    out, verdicts = [], []
+    workloads = [w for w in a.workloads.split(",") if any(runs(w, s) for s in servers)]
+    n_rounds = max([len(runs(w, s)) for w in workloads for s in servers] or [0])
+    judged = REPL in servers
+    out.append("### Throughput and latency: median of %d round(s), ± is half the min–max spread\n" % n_rounds)
+    ratio_cols = [(REPL, s) for s in (QEMU, NBDKIT, SERVE) if s in servers and REPL in servers]
+    head = ["workload", "unit"] + servers + ["%s/%s" % rc for rc in ratio_cols]
+    if judged:
+        head.append("target")
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for w in workloads:
+        kind = next(r["kind"] for s in servers for r in runs(w, s))
+        m = {s: med([metric(r) for r in runs(w, s)]) for s in servers}
+        line = [LABELS.get(w, w), UNITS[kind]] + [cell([metric(r) for r in runs(w, s)], kind) for s in servers]
+        for x, y in ratio_cols:
+            if m[x] and m[y]:
+                line.append("%.2f" % (m[y] / m[x] if kind == "lat" else m[x] / m[y]))
+            else:
+                line.append("–")
+        if judged:
+            texts = []
+            if kind in ("iops", "bw"):
+                for ref, lim in ((QEMU, VS_QEMU_MIN), (NBDKIT, VS_NBDKIT_MIN)):
+                    if ref in servers:
+                        passed = bool(m[REPL] and m[ref] and m[REPL] / m[ref] >= lim)
+                        texts.append("%s ≥ %.2f× %s" % (verdict(passed), lim, ref))
+                        verdicts.append(("%s ≥ %.2f× %s" % (LABELS.get(w, w), lim, ref), passed))
+            elif kind == "lat" and SERVE in servers:
+                passed = bool(m[REPL] is not None and m[SERVE] is not None and m[REPL] <= m[SERVE] + QD1_EXTRA_US_MAX)
+                extra = (m[REPL] - m[SERVE]) if m[REPL] is not None and m[SERVE] is not None else float("nan")
+                texts.append("%s: %s − serve = %+.1f µs ≤ +%.0f µs" % (verdict(passed), REPL, extra, QD1_EXTRA_US_MAX))
+                verdicts.append(("QD1 4K write p50 ≤ serve + %.0f µs" % QD1_EXTRA_US_MAX, passed))
+            line.append("; ".join(texts) or "–")
+        out.append("| " + " | ".join(line) + " |")
+    out.append("\n(Latency ratios are theirs / ours, so higher is better for every ratio.)\n")
+
+    out.append("### Server CPU time per I/O (µs, median); in brackets server / fio CPU utilisation\n")
+    out.append("The replicated server's CPU is both agents' (primary + secondary), all threads.\n")
+    head = ["workload"] + servers + (["replicated/serve", "≤ %.1f× serve" % CPU_RATIO_MAX] if judged and SERVE in servers else [])
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for w in workloads:
+        line = [LABELS.get(w, w)]
+        cm = {}
+        for s in servers:
+            rs = runs(w, s)
+            if not rs:
+                cm[s] = None
+                line.append("–")
+                continue
+            cm[s] = med([float(r["server_cpu_us_per_io"]) for r in rs])
+            line.append("%.2f (%.0f%% / %.0f%%)" % (cm[s], med([float(r["server_cpu_util_pct"]) for r in rs]),
+                                                   med([float(r["fio_cpu_pct"]) for r in rs])))
+        if judged and SERVE in servers:
+            if cm[REPL] and cm[SERVE]:
+                rt = cm[REPL] / cm[SERVE]
+                passed = rt <= CPU_RATIO_MAX
+                line += ["%.2f" % rt, verdict(passed)]
+            else:
+                passed = False
+                line += ["–", "FAIL"]
+            verdicts.append(("%s CPU/IO ≤ %.1f× serve" % (LABELS.get(w, w), CPU_RATIO_MAX), passed))
+        out.append("| " + " | ".join(line) + " |")
+    out.append("")
+
+    # Memory, for information.
+    out.append("### Peak RSS (MiB, highest over runs; the replicated column is primary + secondary)\n")
+    out.append("| workload | " + " | ".join(servers) + " |")
+    out.append("|" + "---|" * (len(servers) + 1))
+    for w in workloads:
+        line = [LABELS.get(w, w)]
+        for s in servers:
+            rs = runs(w, s)
+            line.append("%.1f" % (max(int(r["rss_peak_kib"]) for r in rs) / 1024) if rs else "–")
+        out.append("| " + " | ".join(line) + " |")
+    out.append("")
+
+    copies = read_csv(a.copy_csv)
+    if copies:
+        cok = [r for r in copies if r["status"] == "ok"]
+        mir = [r for r in cok if r["method"] == "mirror"]
+        nbc = [r for r in cok if r["method"] == "nbdcopy"]
+        out.append("### Full copy of the 1 GiB data partition: median of %d round(s)\n" % max(len(mir), len(nbc)))
+        out.append("| method | seconds | MB/s | servers' CPU s (util) | client CPU s | resync bytes sent |")
+        out.append("|---|---|---|---|---|---|")
+        for name, rs, label in (("mirror", mir, "mirrordisk `rebuild --full --from alpha` (2 agents)"),
+                                ("nbdcopy", nbc, "`nbdcopy` qemu-nbd → qemu-nbd")):
+            if not rs:
+                out.append("| %s | – | – | – | – | – |" % label)
+                continue
+            out.append("| %s | %s | %s | %.2f (%.0f%%) | %.2f | %s |" % (
+                label, "%.3f ±%.0f%%" % (med([float(r["seconds"]) for r in rs]), spread([float(r["seconds"]) for r in rs])),
+                cell([float(r["MBps"]) for r in rs], "MBps"),
+                med([float(r["server_cpu_s"]) for r in rs]), med([float(r["server_cpu_util_pct"]) for r in rs]),
+                med([float(r["client_cpu_s"]) for r in rs]),
+                (str(int(med([float(r["resync_bytes_sent"]) for r in rs]))) if rs[0]["resync_bytes_sent"] else "–")))
+        mm, nm = med([float(r["MBps"]) for r in mir]), med([float(r["MBps"]) for r in nbc])
+        if mm and nm:
+            passed = mm / nm >= COPY_RATIO_MIN
+            out.append("\nmirror / nbdcopy rate: **%.2f** — %s (≥ %.1f×)\n" % (mm / nm, verdict(passed), COPY_RATIO_MIN))
+        else:
+            passed = False
+            out.append("\nmirror / nbdcopy rate: – (missing runs) — FAIL\n")
+        verdicts.append(("full copy ≥ %.1f× nbdcopy" % COPY_RATIO_MIN, passed))
+        bad += [dict(r, workload="full-copy", server=r["method"]) for r in copies if r["status"] != "ok"]
+        busy_c = [r for r in cok if max(float(r["foreign_server_cpu_pct"] or 0), float(r["foreign_client_cpu_pct"] or 0)) > FOREIGN_PCT_WARN]
+        if busy_c:
+            out.append("WARNING: %d of %d copy run(s) shared a benchmark CPU with other load (> %d%%): %s\n" % (
+                len(busy_c), len(cok), FOREIGN_PCT_WARN, ", ".join("r%s %s (%s%%/%s%%)" % (
+                    r["round"], r["method"], r["foreign_server_cpu_pct"], r["foreign_client_cpu_pct"]) for r in busy_c)))
+
+    stray = sorted({(r["server"], r["cpus_allowed"], r["cpus_seen"]) for r in ok
+                    if set(r["cpus_allowed"].split("|")) - {"0"} or set(r["cpus_seen"].split("|")) - {"0"}})
+    if stray:
+        out.append("WARNING: server threads allowed or seen on other CPUs than 0: " +
+                   "; ".join("%s allowed %s seen %s" % s for s in stray) + "\n")
+    busy = [r for r in ok if max(float(r["foreign_server_cpu_pct"] or 0), float(r["foreign_fio_cpu_pct"] or 0)) > FOREIGN_PCT_WARN]
+    if busy:
+        out.append("WARNING: %d of %d fio run(s) shared a benchmark CPU with other load (> %d%% of a CPU;"
+                   " foreign_*_cpu_pct in runs.csv): %s\n" % (len(busy), len(ok), FOREIGN_PCT_WARN,
+                   ", ".join(sorted({r["server"] for r in busy}))))
+    stalled = [r for r in ok if int(r.get("tcp_timeouts") or 0) > 0]
+    if stalled:
+        out.append("WARNING: %d run(s) saw TCP retransmission timeouts: %s\n" % (
+            len(stalled), ", ".join("r%s %s %s" % (r["round"], r["workload"], r["server"]) for r in stalled)))
+    if bad:
+        out.append("WARNING: %d run(s) failed and are left out of the medians: %s\n" % (
+            len(bad), "; ".join("r%s %s %s: %s" % (r["round"], r["workload"], r["server"], r["status"]) for r in bad)))
+    if verdicts:
+        failed = [v for v, p in verdicts if not p]
+        out.append("**Verdict (issue 4 targets): %s** — %d of %d criteria met%s\n" % (
+            "PASS" if not failed else "FAIL", len(verdicts) - len(failed), len(verdicts),
+            ("; failing: " + "; ".join(failed)) if failed else ""))
+    print("\n".join(out))
+    return 0
+
+DIFF_RATIO_MAX, LOAD_RATIO_MIN = 0.03, 0.5
+
+def cmd_summary_rebuild(argv):
+    ap = argparse.ArgumentParser(prog="repl_py summary-rebuild")
+    ap.add_argument("--full-csv", required=True)
+    ap.add_argument("--diff-csv", required=True)
+    ap.add_argument("--load-csv", default="")
+    ap.add_argument("--volume-bytes", type=int, required=True)
+    a = ap.parse_args(argv)
+    out, verdicts, bad = [], [], []
+    frows, drows = read_csv(a.full_csv), read_csv(a.diff_csv)
+    full = [r for r in frows if r["status"] == "ok"]
+    diff = [r for r in drows if r["status"] == "ok"]
+    bad += [r for r in frows + drows if r["status"] != "ok"]
+    if full or diff:
+        out.append("### Differential vs full rebuild (1 GiB volume, 1 %% dirtied as scattered 4 KiB writes)\n")
+        out.append("| round | full copy s | differential ms (from link up; lower bound) | reconnect ms (excluded) | resync bytes sent (% of volume) | differential / full |")
+        out.append("|---|---|---|---|---|---|")
+        rounds = sorted({r["round"] for r in full + diff}, key=lambda x: int(x))
+        for rd in rounds:
+            f = [r for r in full if r["round"] == rd]
+            d = [r for r in diff if r["round"] == rd]
+            fs = float(f[0]["seconds"]) if f else None
+            ds = float(d[0]["seconds"]) if d else None
+            out.append("| %s | %s | %s | %s | %s | %s |" % (
+                rd, "%.3f" % fs if fs else "–",
+                "%.1f (%.1f)" % (1000 * ds, 1000 * float(d[0]["seconds_lo"])) if d else "–",
+                "%.0f" % (1000 * float(d[0]["reconnect_s"])) if d else "–",
+                "%s (%.2f %%)" % (d[0]["resync_bytes_sent"], 100 * int(d[0]["resync_bytes_sent"]) / a.volume_bytes) if d else "–",
+                "%.2f %%" % (100 * ds / fs) if fs and ds else "–"))
+        fm = med([float(r["seconds"]) for r in full])
+        dm = med([float(r["seconds"]) for r in diff])
+        sm = med([int(r["resync_bytes_sent"]) for r in diff])
+        if fm and dm:
+            passed = dm / fm <= DIFF_RATIO_MAX
+            out.append("| **median** | **%.3f** (%.0f MB/s) | **%.1f** | | %d (%.2f %%) | **%.2f %%** — %s (≤ %.0f %%) |" % (
+                fm, a.volume_bytes / fm / 1e6, 1000 * dm, sm, 100 * sm / a.volume_bytes, 100 * dm / fm,
+                verdict(passed), 100 * DIFF_RATIO_MAX))
+        else:
+            passed = False
+        verdicts.append(("differential ≤ %.0f %% of full" % (100 * DIFF_RATIO_MAX), passed))
+        never = [r for r in diff if r["saw_sync_source"] != "1"]
+        if never:
+            out.append("\n(%d differential run(s) finished between two polls: sync-source was never observed,"
+                       " only the in-sync state after it.)" % len(never))
+        out.append("")
+    loads = read_csv(a.load_csv)
+    if loads:
+        lok = [r for r in loads if r["status"] == "ok"]
+        bad += [r for r in loads if r["status"] != "ok"]
+        idle = [r for r in lok if r["phase"] == "idle"]
+        reb = [r for r in lok if r["phase"] == "rebuild"]
+        out.append("### Application 4K randwrite QD32 during a full rebuild vs idle mirror\n")
+        out.append("server IOPS: the primary's write counter over the window (idle: fio's measured window;"
+                   " rebuild: the part of it while the rebuild ran). fio IOPS: fio's whole measured window.\n")
+        out.append("| round | idle fio IOPS | idle server IOPS | rebuild fio IOPS | rebuild server IOPS (window s) | rebuild s | rebuild completed | ratio (server) |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for rd in sorted({r["round"] for r in lok}, key=lambda x: int(x)):
+            i = [r for r in idle if r["round"] == rd]
+            b = [r for r in reb if r["round"] == rd]
+            out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                rd, fmt(float(i[0]["fio_iops"]), "iops") if i else "–",
+                fmt(float(i[0]["server_iops"]), "iops") if i else "–",
+                fmt(float(b[0]["fio_iops"]), "iops") if b else "–",
+                "%s (%.2f)" % (fmt(float(b[0]["server_iops"]), "iops"), float(b[0]["window_s"])) if b else "–",
+                b[0]["rebuild_s"] if b else "–",
+                ("yes" + (" (during fio)" if b[0]["rebuild_done_during_fio"] == "1" else " (after fio)")) if b and b[0]["rebuild_s"] else "no",
+                "%.2f" % (float(b[0]["server_iops"]) / float(i[0]["server_iops"])) if i and b else "–"))
+        im = med([float(r["server_iops"]) for r in idle])
+        bm = med([float(r["server_iops"]) for r in reb])
+        ifm = med([float(r["fio_iops"]) for r in idle])
+        bfm = med([float(r["fio_iops"]) for r in reb])
+        completed = all(r["rebuild_s"] for r in reb) and len(reb) > 0
+        if im and bm:
+            passed = bm / im >= LOAD_RATIO_MIN and completed
+            out.append("| **median** | %s | %s | %s | %s | %s | %s | **%.2f** — %s (≥ %.1f× and completed) |" % (
+                fmt(ifm, "iops"), fmt(im, "iops"), fmt(bfm, "iops"), fmt(bm, "iops"),
+                "%.3f" % med([float(r["rebuild_s"]) for r in reb if r["rebuild_s"]]) if completed else "–",
+                "all" if completed else "NOT ALL", bm / im, verdict(passed), LOAD_RATIO_MIN))
+            out.append("\n(fio-based ratio, whole windows: %.2f.)" % (bfm / ifm))
+        else:
+            passed = False
+        verdicts.append(("IOPS during rebuild ≥ %.1f× idle, rebuild completes" % LOAD_RATIO_MIN, passed))
+        busy = [r for r in lok if max(float(r["foreign_server_cpu_pct"] or 0), float(r["foreign_fio_cpu_pct"] or 0)) > FOREIGN_PCT_WARN]
+        if busy:
+            out.append("\nWARNING: %d of %d load run(s) shared a benchmark CPU with other load (> %d%%): %s" % (
+                len(busy), len(lok), FOREIGN_PCT_WARN, ", ".join("r%s %s (%s%%/%s%%)" % (
+                    r["round"], r["phase"], r["foreign_server_cpu_pct"], r["foreign_fio_cpu_pct"]) for r in busy)))
+        out.append("")
+    if bad:
+        out.append("WARNING: %d measurement(s) failed and are left out: %s\n" % (
+            len(bad), "; ".join("r%s %s: %s %s" % (r["round"], r.get("kind") or r.get("phase") or r.get("method"),
+                                                  r["status"], r.get("note", "")) for r in bad)))
+    if verdicts:
+        failed = [v for v, p in verdicts if not p]
+        out.append("**Verdict (issue 5 targets): %s** — %d of %d criteria met%s\n" % (
+            "PASS" if not failed else "FAIL", len(verdicts) - len(failed), len(verdicts),
+            ("; failing: " + "; ".join(failed)) if failed else ""))
+    print("\n".join(out))
+    return 0
+
+if __name__ == "__main__":
+    # REPL_PY_NICE: the absolute niceness of this helper, and so of what it starts (fio,
+    # nbdcopy): the poller must not lag behind other people's builds either.
+    if os.environ.get("REPL_PY_NICE"):
+        os.setpriority(os.PRIO_PROCESS, 0, int(os.environ["REPL_PY_NICE"]))
+    cmd, rest = sys.argv[1], sys.argv[2:]
+    sys.exit({"admin": cmd_admin, "get": cmd_get, "wait": cmd_wait, "run": cmd_run,
+              "full-copy": cmd_full_copy, "copy-run": cmd_copy_run, "diff-wait": cmd_diff_wait,
+              "scatter": cmd_scatter, "load-run": cmd_load_run,
+              "summary-repl": cmd_summary_repl, "summary-rebuild": cmd_summary_rebuild}[cmd](rest))
+PY
+}
