@@ -36,6 +36,12 @@ pub const RESYNC_IN_FLIGHT_IDLE: usize = 16;
 /// Resync requests in flight while client requests are in flight: the application
 /// keeps most of the bandwidth and the resync still progresses.
 pub const RESYNC_IN_FLIGHT_BUSY: usize = 2;
+/// A sync point is started once this many resync bytes are acknowledged by the target
+/// but not yet covered by a peer flush. Only a flushed region's bit is cleared, so the
+/// durable progress of a resync trails the copy by at most this plus one in-flight
+/// window: a source that crashes (or a link that drops) repeats at most that much,
+/// instead of everything copied since the last periodic sync point.
+pub const RESYNC_CLEAN_BATCH_BYTES: u64 = 8 * RESYNC_CHUNK_BYTES;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ConnPhase {
@@ -1289,6 +1295,10 @@ impl Engine {
             Some((range, _)) => {
                 resync.done_bytes += range.length();
                 resync.acked.push(range);
+                let unflushed: u64 = resync.acked.iter().map(|r| r.length()).sum();
+                if unflushed >= RESYNC_CLEAN_BATCH_BYTES {
+                    self.maybe_start_sync(false);
+                }
             }
             None => self.drop_link(format!(
                 "protocol violation: ResyncAck of unknown seq {seq}"
