@@ -107,8 +107,6 @@ pub const SHUTDOWN_IDLE_TIMEOUT_MS: u64 = 10_000;
 /// How long the split-brain hook may run before it is killed (SIGKILL). A hook sends
 /// an alert; 30 s is ample for that and bounds a hung script.
 pub const SPLIT_BRAIN_HOOK_TIMEOUT_MS: u64 = 30_000;
-/// How often a running hook is checked for its exit.
-pub const SPLIT_BRAIN_HOOK_POLL_MS: u64 = 50;
 
 /// Requests per admin connection line: one JSON object of at most this many bytes. The
 /// longest legitimate request is well under 1 KiB.

@@ -11,10 +11,9 @@
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -40,7 +39,7 @@ use crate::shell::agent::status::{
     MirrorStatus, OperatorView, RuntimeFacts, SplitBrainView, human_bytes, mirror_status,
 };
 use crate::shell::agent::{
-    Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SPLIT_BRAIN_HOOK_POLL_MS, SPLIT_BRAIN_HOOK_TIMEOUT_MS,
+    Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SPLIT_BRAIN_HOOK_TIMEOUT_MS,
     SYNC_INTERVAL_MS, TICK_MS,
 };
 use crate::shell::buffers::BufferPool;
@@ -67,7 +66,7 @@ struct SplitBrain {
     since_ms: u64,
     /// The hook's outcome, written by its thread: "running", "exit status 0 after
     /// 12 ms", "killed after 30000 ms (timeout)", "could not start: ...".
-    hook: Option<Arc<Mutex<String>>>,
+    hook: Option<Rc<RefCell<String>>>,
 }
 
 /// See the module documentation.
@@ -318,7 +317,7 @@ impl MirrorRuntime {
             hook: sb
                 .hook
                 .as_ref()
-                .map(|h| h.lock().map(|s| s.clone()).unwrap_or_default()),
+                .map(|h| h.borrow().clone()),
         });
         let facts = RuntimeFacts {
             decision: self.executor.decision(),
@@ -392,42 +391,29 @@ impl MirrorRuntime {
         }
     }
 
-    /// Starts the hook in its own thread (it may block): environment MIRRORDISK_MIRROR,
-    /// MIRRORDISK_NODE, MIRRORDISK_PEER, MIRRORDISK_EVENT=SPLIT_BRAIN and
-    /// MIRRORDISK_PROBLEM; stdin empty, stdout and stderr into the agent's log stream;
-    /// killed after `SPLIT_BRAIN_HOOK_TIMEOUT_MS`. Its outcome is logged and kept for
-    /// status.
-    fn run_split_brain_hook(&self, path: PathBuf, problem: &str) -> Arc<Mutex<String>> {
-        let outcome = Arc::new(Mutex::new("starting".to_string()));
+    /// Starts the hook as a child process watched by a task on this thread: environment
+    /// MIRRORDISK_MIRROR, MIRRORDISK_NODE, MIRRORDISK_PEER, MIRRORDISK_EVENT=SPLIT_BRAIN
+    /// and MIRRORDISK_PROBLEM; stdin empty, stdout and stderr into the agent's log
+    /// stream; killed after `SPLIT_BRAIN_HOOK_TIMEOUT_MS`. Its outcome is logged and kept
+    /// for status.
+    fn run_split_brain_hook(&self, path: PathBuf, problem: &str) -> Rc<RefCell<String>> {
+        let outcome = Rc::new(RefCell::new("starting".to_string()));
         let shared = outcome.clone();
         let mirror = self.name.clone();
         let node = self.node_name.clone();
         let peer = self.peer_name.clone();
         let problem = problem.to_string();
-        let spawned = std::thread::Builder::new()
-            .name(format!("hook-{mirror}"))
-            .spawn(move || {
-                let result = run_hook(&path, &mirror, &node, &peer, &problem, &shared);
-                let text = match &result {
-                    Ok(text) | Err(text) => text.clone(),
-                };
-                match result {
-                    Ok(_) => info!(mirror, hook = %path.display(), "split-brain hook: {text}"),
-                    Err(_) => error!(mirror, hook = %path.display(), "split-brain hook: {text}"),
-                }
-                if let Ok(mut slot) = shared.lock() {
-                    *slot = text;
-                }
-            });
-        if let Err(e) = spawned {
-            error!(
-                mirror = self.name,
-                "split-brain hook: cannot start a thread for it: {e}"
-            );
-            if let Ok(mut slot) = outcome.lock() {
-                *slot = format!("could not start: {e}");
+        let task = tokio::task::spawn_local(async move {
+            let result = run_hook(&path, &mirror, &node, &peer, &problem, &shared).await;
+            match &result {
+                Ok(text) => info!(mirror, hook = %path.display(), "split-brain hook: {text}"),
+                Err(text) => error!(mirror, hook = %path.display(), "split-brain hook: {text}"),
             }
-        }
+            *shared.borrow_mut() = match result {
+                Ok(text) | Err(text) => text,
+            };
+        });
+        self.background.borrow_mut().push(task);
         outcome
     }
 
@@ -873,16 +859,17 @@ impl MirrorRuntime {
 }
 
 /// Runs the split-brain hook to its end or its timeout; the outcome as text (`Err` for
-/// anything but exit status 0).
-fn run_hook(
+/// anything but exit status 0). The child is killed if this future is dropped (agent
+/// shutdown).
+async fn run_hook(
     path: &std::path::Path,
     mirror: &str,
     node: &str,
     peer: &str,
     problem: &str,
-    outcome: &Mutex<String>,
+    outcome: &RefCell<String>,
 ) -> Result<String, String> {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let log_stream = || {
         std::io::stderr()
             .as_fd()
@@ -890,7 +877,7 @@ fn run_hook(
             .map(Stdio::from)
             .unwrap_or_else(|_| Stdio::null())
     };
-    let mut child = Command::new(path)
+    let mut child = tokio::process::Command::new(path)
         .env("MIRRORDISK_MIRROR", mirror)
         .env("MIRRORDISK_NODE", node)
         .env("MIRRORDISK_PEER", peer)
@@ -899,31 +886,26 @@ fn run_hook(
         .stdin(Stdio::null())
         .stdout(log_stream())
         .stderr(log_stream())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|e| format!("could not start: {e}"))?;
-    if let Ok(mut slot) = outcome.lock() {
-        *slot = format!("running (pid {})", child.id());
-    }
+    *outcome.borrow_mut() = format!("running (pid {})", child.id().unwrap_or_default());
     let timeout = Duration::from_millis(SPLIT_BRAIN_HOOK_TIMEOUT_MS);
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let ms = started.elapsed().as_millis();
-                return if status.success() {
-                    Ok(format!("exit status 0 after {ms} ms"))
-                } else {
-                    Err(format!("failed: {status} after {ms} ms"))
-                };
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => {
+            let ms = started.elapsed().as_millis();
+            if status.success() {
+                Ok(format!("exit status 0 after {ms} ms"))
+            } else {
+                Err(format!("failed: {status} after {ms} ms"))
             }
-            Ok(None) if started.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "killed after {SPLIT_BRAIN_HOOK_TIMEOUT_MS} ms (timeout)"
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(SPLIT_BRAIN_HOOK_POLL_MS)),
-            Err(e) => return Err(format!("cannot wait for it: {e}")),
+        }
+        Ok(Err(e)) => Err(format!("cannot wait for it: {e}")),
+        Err(_) => {
+            let _ = child.kill().await;
+            Err(format!(
+                "killed after {SPLIT_BRAIN_HOOK_TIMEOUT_MS} ms (timeout)"
+            ))
         }
     }
 }
