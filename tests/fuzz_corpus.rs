@@ -23,6 +23,10 @@ const TARGETS: &[(&str, Check)] = &[
         mirrordisk::fuzzing::meta::journal_replay,
     ),
     ("meta_snapshot", mirrordisk::fuzzing::meta::snapshot_decode),
+    (
+        "meta_activity_log",
+        mirrordisk::fuzzing::meta::activity_log_decode,
+    ),
     ("repl_frame", mirrordisk::fuzzing::repl::repl_frame),
     ("repl_handshake", mirrordisk::fuzzing::repl::repl_handshake),
 ];

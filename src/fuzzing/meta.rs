@@ -1,4 +1,5 @@
-//! Fuzz checks for the CLUSTER partition decoders: superblock, journal replay, snapshot.
+//! Fuzz checks for the CLUSTER partition decoders: superblock, journal replay, snapshot,
+//! activity-log record.
 //!
 //! Each function takes arbitrary bytes, must never panic on them, and checks a property
 //! beyond "no panic": a round trip (what decodes re-encodes to the same bytes or the same
@@ -6,6 +7,8 @@
 
 use roaring::RoaringBitmap;
 
+use crate::core::meta::activity_log::{self, AlRecord};
+use crate::core::meta::codec::seal;
 use crate::core::meta::journal::replay;
 use crate::core::meta::journal_log::{self, JournalOp, LogBlock, LogRecord};
 use crate::core::meta::snapshot::{self, SnapshotHeader};
@@ -158,7 +161,39 @@ pub fn snapshot_decode(data: &[u8]) {
     }
 }
 
-/// Seed inputs for the three targets (used to write fuzz/corpus and by tests).
+/// Activity-log record: the input's first four bytes choose the slot count (1..=1024)
+/// and the volume's extent count, the rest fills the record (zero-padded). It is decoded
+/// as it is, and again after sealing it (a valid crc32c, so the field checks behind the
+/// checksum are reached). Whatever decodes re-encodes to the identical bytes and holds
+/// strictly ascending, in-range extents.
+pub fn activity_log_decode(data: &[u8]) {
+    let Some((head, body)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let slots = 1 + u32::from(u16::from_le_bytes([head[0], head[1]])) % 1024;
+    let extent_count = 1 + u64::from(u16::from_le_bytes([head[2], head[3]]));
+    let mut record = vec![0u8; activity_log::record_bytes(slots) as usize];
+    let n = body.len().min(record.len());
+    record[..n].copy_from_slice(&body[..n]);
+    check_al_record(&record, slots, extent_count);
+    seal(&mut record);
+    check_al_record(&record, slots, extent_count);
+}
+
+fn check_al_record(record: &[u8], slots: u32, extent_count: u64) {
+    if let Ok(r) = activity_log::decode(record, &FUZZ_UUID, slots, extent_count) {
+        assert!(r.extents.len() <= slots as usize);
+        assert!(r.extents.windows(2).all(|w| w[0] < w[1]));
+        assert!(r.extents.iter().all(|&e| u64::from(e) < extent_count));
+        assert_eq!(
+            activity_log::encode(&FUZZ_UUID, slots, &r),
+            record,
+            "decode then encode must give the same bytes"
+        );
+    }
+}
+
+/// Seed inputs for the CLUSTER partition targets (used to write fuzz/corpus and by tests).
 pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     use crate::core::meta::engine::MetaEngine;
     use crate::core::meta::layout::CreateParams;
@@ -217,6 +252,20 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut payload = Vec::new();
     bm.serialize_into(&mut payload).expect("vec");
     seeds.push(("meta_snapshot", "payload_mixed".to_string(), payload));
+    let slots: u32 = 64;
+    let record = activity_log::encode(
+        &FUZZ_UUID,
+        slots,
+        &AlRecord {
+            sequence: 7,
+            extents: vec![0, 3, 17, 900],
+        },
+    );
+    let mut input = Vec::new();
+    input.extend_from_slice(&((slots - 1) as u16).to_le_bytes());
+    input.extend_from_slice(&999u16.to_le_bytes());
+    input.extend_from_slice(&record);
+    seeds.push(("meta_activity_log", "record_four_extents".to_string(), input));
     let header = snapshot::header_for(3, 17, 1 << 20, 4096, 1, &bm);
     seeds.push((
         "meta_snapshot",
@@ -237,6 +286,7 @@ mod tests {
                 "meta_superblock" => superblock_decode(&bytes),
                 "meta_journal_replay" => journal_replay(&bytes),
                 "meta_snapshot" => snapshot_decode(&bytes),
+                "meta_activity_log" => activity_log_decode(&bytes),
                 other => panic!("unknown target {other}"),
             }
         }
@@ -257,6 +307,7 @@ mod tests {
             superblock_decode(&bytes);
             journal_replay(&bytes);
             snapshot_decode(&bytes);
+            activity_log_decode(&bytes);
         }
     }
 }

@@ -15,7 +15,7 @@
 //! `recovery_tests` (test-only: damaged partitions, one case per test; bitmap memory).
 
 pub mod activity_log;
-mod codec;
+pub(crate) mod codec;
 pub mod engine;
 pub mod generation;
 pub mod inspect;
