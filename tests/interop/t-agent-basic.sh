@@ -15,7 +15,8 @@
 #     polled, bounded, until beta is UpToDate); then alpha is activated and written
 #     through its NBD export with nbdcopy (random data over the whole export) and
 #     qemu-io (patterns, unaligned 512-byte writes, write-zeroes, discard, FUA,
-#     pipelined aio writes), read back through the export;
+#     pipelined aio writes) and fio (randwrite QD32, verify=crc32c), read back through
+#     the export;
 #   - both agents stop on SIGTERM with exit status 0; the two data partitions are
 #     compared with `qemu-img compare` (raw driver with the data partition's offset and
 #     size): identical. The CLUSTER partitions differ by design and are not compared.
@@ -28,7 +29,7 @@ if [ "$SERVER" != mirrordisk ]; then
 	pass "t-agent-basic (mirrordisk-only: $SERVER has no node agent)"
 	exit 0
 fi
-require qemu-io qemu-img nbdinfo nbdcopy
+require qemu-io qemu-img nbdinfo nbdcopy fio
 MIRRORCTL=${MIRRORCTL:-$(dirname "$MIRRORDISK")/mirrorctl}
 [ -x "$MIRRORCTL" ] || fail "mirrorctl binary $MIRRORCTL not found"
 
@@ -233,6 +234,13 @@ qemu-io -f raw "$URI" \
 	-c "read -P 0x22 25M 64k" >"$T/qemu-io-read.out" || fail "qemu-io read-back failed: $(cat "$T/qemu-io-read.out")"
 grep -q "Pattern verification failed" "$T/qemu-io-read.out" && fail "qemu-io read back other data"
 pass "qemu-io patterns, unaligned writes, zeroes and discard read back through alpha"
+# fio's verify workload through the replicated export: random writes of mixed sizes at
+# QD 32 (beyond the qemu-io ranges), each block checksummed and read back by fio.
+timeout 120 fio --name=agent-verify --ioengine=nbd --uri="$URI" --rw=randwrite \
+	--bsrange=4k-64k --iodepth=32 --offset=32M --size=48M --verify=crc32c \
+	--verify_fatal=1 --do_verify=1 --randrepeat=0 --verify_state_save=0 >"$T/fio.out" 2>&1 ||
+	fail "fio verify through alpha failed: $(tail -5 "$T/fio.out")"
+pass "fio randwrite QD32 with verify=crc32c through the replicated export"
 wait_status alpha "m['in_flight']['awaiting_peer_acks']" 0 10
 check_eq "alpha dirty bytes while connected" "$(jget alpha "m['dirty_bytes']")" 0
 check_eq "beta disk state while alpha is active" "$(jget beta "m['disk_state']")" UpToDate
