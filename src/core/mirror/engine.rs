@@ -577,7 +577,7 @@ impl Engine {
         let request = self.requests.get_mut(&req).expect("gating a live request");
         request.locked = true;
         request.phase = Phase::Gating;
-        if self.generation_hold.is_some() {
+        if self.generation_hold.is_some() || self.parting() {
             // Admitted when the new generation is durable (see `release_generation_hold`).
             return;
         }
@@ -633,12 +633,15 @@ impl Engine {
                 self.admit(req);
             }
         }
-        let ready: Vec<ReqId> = self
+        let mut ready: Vec<ReqId> = self
             .requests
             .iter()
             .filter(|(_, r)| r.local_done)
             .map(|(id, _)| *id)
             .collect();
+        // In request order: replies (and the sync points they join) do not depend on
+        // the map's iteration order.
+        ready.sort();
         for req in ready {
             self.maybe_complete(req);
         }
@@ -694,7 +697,8 @@ impl Engine {
         let ready = request.local_done
             && request.ackable
             && request.peer_seq.is_none()
-            && self.generation_hold.is_none();
+            && self.generation_hold.is_none()
+            && !self.parting();
         if ready {
             self.finish_write(req);
         }
@@ -904,7 +908,7 @@ impl Engine {
                     .get(&req)
                     .is_some_and(|r| r.phase == Phase::Gating)
                 {
-                    if self.generation_hold.is_some() {
+                    if self.generation_hold.is_some() || self.parting() {
                         self.held_ready.push(req);
                     } else {
                         self.submit_write(req);

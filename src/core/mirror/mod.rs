@@ -22,4 +22,6 @@ pub use types::{
 };
 
 #[cfg(test)]
+mod link_tests;
+#[cfg(test)]
 mod local_tests;

@@ -36,6 +36,9 @@ pub const RESYNC_IN_FLIGHT_IDLE: usize = 16;
 /// Resync requests in flight while client requests are in flight: the application
 /// keeps most of the bandwidth and the resync still progresses.
 pub const RESYNC_IN_FLIGHT_BUSY: usize = 2;
+/// The peer half of a sync point started while a Primary drops its link: no FlushAck
+/// carries this seq (sequence numbers start at 1), only the link-down completes it.
+const PEER_FLUSH_AT_LINK_DOWN: u64 = u64::MAX;
 /// A sync point is started once this many resync bytes are acknowledged by the target
 /// but not yet covered by a peer flush. Only a flushed region's bit is cleared, so the
 /// durable progress of a resync trails the copy by at most this plus one in-flight
@@ -247,6 +250,19 @@ impl Engine {
         self.send(PeerMsg::State(state), None);
     }
 
+    /// A Primary whose replicating link is being dropped (`drop_link`), until the shell
+    /// reports it gone. The peer receives no more writes, but the transfer log is marked
+    /// dirty and the new current generation made only in `handle_link_down`: until then
+    /// nothing is submitted or answered (as under the generation hold that follows), so
+    /// no write the peer lacks is acknowledged without a dirty bit and a new generation.
+    pub(super) fn parting(&self) -> bool {
+        self.role() == Role::Primary
+            && self
+                .link
+                .as_ref()
+                .is_some_and(|c| c.dropping && c.phase == ConnPhase::Replicating)
+    }
+
     /// Asks the shell to close the connection; nothing more is sent on it.
     pub(super) fn drop_link(&mut self, reason: String) {
         if let Some(conn) = self.link.as_mut()
@@ -286,6 +302,12 @@ impl Engine {
             self.role() == Role::Primary || self.link.as_ref().is_some_and(|c| c.resync.is_some());
         if !sends_data {
             return None;
+        }
+        if self.parting() {
+            // The peer's half can no longer complete, and our flush alone does not make
+            // the writes it covers durable on both sides: the sync point (and any FLUSH
+            // it answers) waits for the link-down, which marks the transfer log dirty.
+            return Some(PEER_FLUSH_AT_LINK_DOWN);
         }
         self.link_replicating_peer()?;
         let now = self.now_ms;

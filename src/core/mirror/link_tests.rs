@@ -1,0 +1,292 @@
+//! Tests of the connection life cycle with two engines wired back to back: what a node
+//! may acknowledge while its link is being dropped, forced activation while a connection
+//! exists, the state both nodes decide from at a connect, who may apply resync data, and
+//! the operator's commands while connected. Each test is a fixed sequence that broke a
+//! data-safety rule (DESIGN §4–§5) before its fix.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use super::engine::{Engine, EngineConfig};
+use super::types::*;
+use crate::core::meta::{CreateParams, DiskState, MetaEngine, Role};
+use crate::core::nbd::wire::Errno;
+use crate::core::overlap::ByteRange;
+
+const MIB: u64 = 1 << 20;
+/// The bitmap granularity (the default).
+const REGION: u64 = 4096;
+const PEER_TIMEOUT_MS: u64 = 10_000;
+
+/// One node: metadata I/O completes at once; disk ops and digests wait until
+/// `Pair::settle` completes them (or a test does), so a test controls what is in flight.
+struct Node {
+    id: u8,
+    engine: Engine,
+    disk: Vec<(DiskOpId, DiskOp)>,
+    digests: Vec<(DiskOpId, ByteRange, u32)>,
+    /// Sent on the current connection, not yet delivered.
+    outbox: VecDeque<PeerMsg>,
+    replies: Vec<(ReqId, Result<(), Errno>)>,
+    role_changes: Vec<Result<(), String>>,
+    dropped: Vec<String>,
+    next_data: u64,
+    /// `settle` leaves this node's disk ops in flight.
+    hold_disk: bool,
+    /// `settle` does not deliver what this node sends (a stalled direction).
+    hold_sends: bool,
+    /// Data writes on this node's disk fail with EIO.
+    fail_writes: bool,
+    /// Regions whose content here differs from the other node's (verify digests).
+    differs: BTreeSet<u64>,
+}
+
+impl Node {
+    fn new(node_id: u32, peer_id: u32) -> Node {
+        let mut params = CreateParams::new([9; 16], "t", node_id, peer_id, 64 * MIB);
+        params.al_slot_count = 16;
+        let (meta, _) = MetaEngine::create(&params).expect("valid params");
+        let config = EngineConfig {
+            lock_alignment_bytes: 4096,
+            sync_interval_ms: 1000,
+            peer_timeout_ms: PEER_TIMEOUT_MS,
+            resync_rate_bytes_per_s: 0,
+        };
+        Node {
+            id: node_id as u8,
+            engine: Engine::new(config, meta, 0),
+            disk: Vec::new(),
+            digests: Vec::new(),
+            outbox: VecDeque::new(),
+            replies: Vec::new(),
+            role_changes: Vec::new(),
+            dropped: Vec::new(),
+            next_data: 0,
+            hold_disk: false,
+            hold_sends: false,
+            fail_writes: false,
+            differs: BTreeSet::new(),
+        }
+    }
+
+    /// Moves the engine's actions into the node; true if there were any.
+    fn drain(&mut self, linked: bool) -> bool {
+        let mut any = false;
+        while let Some(action) = self.engine.poll_action() {
+            any = true;
+            match action {
+                Action::Meta(io) => self.engine.handle_meta_done(io.id, Ok(())),
+                Action::Disk { id, op, .. } => self.disk.push((id, op)),
+                Action::Digest {
+                    id,
+                    range,
+                    region_bytes,
+                } => self.digests.push((id, range, region_bytes)),
+                Action::Reply { req, result } => self.replies.push((req, result)),
+                Action::Send { msg, .. } if linked => self.outbox.push_back(msg),
+                Action::Send { .. } | Action::Release(_) => {}
+                Action::DropLink { reason } => self.dropped.push(reason),
+                Action::RoleChanged { result } => self.role_changes.push(result),
+            }
+        }
+        any
+    }
+
+    /// Completes every disk op and digest in flight (not those issued meanwhile).
+    fn complete_io(&mut self, linked: bool) -> bool {
+        let ops = std::mem::take(&mut self.disk);
+        let digests = std::mem::take(&mut self.digests);
+        let any = !ops.is_empty() || !digests.is_empty();
+        for (id, op) in ops {
+            let failed = self.fail_writes && matches!(op, ClientOp::Write { .. });
+            let result = if failed { Err(Errno::Io) } else { Ok(()) };
+            self.engine.handle_disk_done(id, result);
+            self.drain(linked);
+        }
+        for (id, range, region_bytes) in digests {
+            let region_bytes = u64::from(region_bytes);
+            let first = range.start() / region_bytes;
+            let end = range.end().div_ceil(region_bytes);
+            let digests = (first..end)
+                .map(|r| {
+                    if self.differs.contains(&r) {
+                        [self.id; 32]
+                    } else {
+                        [0; 32]
+                    }
+                })
+                .collect();
+            self.engine.handle_digests(id, Ok(digests));
+            self.drain(linked);
+        }
+        any
+    }
+
+    fn reply_of(&self, req: ReqId) -> Option<Result<(), Errno>> {
+        self.replies
+            .iter()
+            .find(|(r, _)| *r == req)
+            .map(|(_, result)| *result)
+    }
+
+    fn link_state(&self) -> Option<&'static str> {
+        self.engine.link_status().map(|l| l.state)
+    }
+
+    fn current(&self) -> u64 {
+        self.engine.generations().current
+    }
+
+    fn dirty(&self, offset: u64) -> bool {
+        self.engine
+            .meta()
+            .dirty_bitmap()
+            .contains((offset / REGION) as u32)
+    }
+}
+
+struct Pair {
+    nodes: [Node; 2],
+    linked: bool,
+    epoch: u64,
+    now_ms: u64,
+}
+
+impl Pair {
+    /// Two new disks, not connected.
+    fn new() -> Pair {
+        let mut p = Pair {
+            nodes: [Node::new(1, 2), Node::new(2, 1)],
+            linked: false,
+            epoch: 0,
+            now_ms: 0,
+        };
+        p.settle();
+        p
+    }
+
+    /// Two new disks, connected, a full copy from node 1 done, both Secondary.
+    fn synced() -> Pair {
+        let mut p = Pair::new();
+        p.connect();
+        p.nodes[0].engine.start_full_sync(11).expect("both disks new");
+        p.settle();
+        for node in &p.nodes {
+            assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+            assert_eq!(node.link_state(), Some("connected"));
+        }
+        p
+    }
+
+    /// As `synced`, and node 1 active.
+    fn synced_with_primary() -> Pair {
+        let mut p = Pair::synced();
+        p.nodes[0].engine.activate(false, 12).expect("UpToDate and connected");
+        p.settle();
+        assert_eq!(p.nodes[0].role_changes, vec![Ok(())]);
+        assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+        p
+    }
+
+    /// A handshake completes; each node decides from the other's state now.
+    fn connect(&mut self) {
+        self.epoch += 1;
+        self.linked = true;
+        let states = [0, 1].map(|i| self.nodes[i].engine.node_state());
+        for i in 0..2 {
+            self.nodes[i]
+                .engine
+                .handle_link_up(self.epoch, states[1 - i]);
+        }
+        self.settle();
+    }
+
+    /// The connection is gone (the shell closed it): what is in flight on it is lost.
+    fn cut(&mut self) {
+        self.linked = false;
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            node.outbox.clear();
+            node.engine.handle_link_down(100 + i as u64);
+        }
+        self.settle();
+    }
+
+    fn deliver(&mut self, from: usize) -> bool {
+        let mut any = false;
+        while let Some(msg) = self.nodes[from].outbox.pop_front() {
+            any = true;
+            let to = &mut self.nodes[1 - from];
+            let data = matches!(msg, PeerMsg::Write { .. } | PeerMsg::ResyncData { .. }).then(|| {
+                to.next_data += 1;
+                PeerDataId(to.next_data)
+            });
+            to.engine.handle_peer(msg, data);
+            to.drain(self.linked);
+        }
+        any
+    }
+
+    /// Runs everything not held (deliveries, disk completions) until nothing moves.
+    fn settle(&mut self) {
+        loop {
+            let mut progress = false;
+            for i in 0..2 {
+                progress |= self.nodes[i].drain(self.linked);
+                if !self.nodes[i].hold_disk {
+                    progress |= self.nodes[i].complete_io(self.linked);
+                }
+                if !self.nodes[i].hold_sends {
+                    progress |= self.deliver(i);
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn client(&mut self, i: usize, op: ClientOp) -> ReqId {
+        let req = self.nodes[i].engine.handle_client(op);
+        self.settle();
+        req
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+        for node in &mut self.nodes {
+            node.engine.handle_timeout(self.now_ms);
+        }
+        self.settle();
+    }
+}
+
+fn write(offset: u64, length: u64) -> ClientOp {
+    ClientOp::Write {
+        range: ByteRange::new(offset, length).unwrap(),
+        fua: false,
+    }
+}
+
+#[test]
+fn nothing_is_acknowledged_while_a_primary_drops_its_link() {
+    // F1: the engine drops the link (here: the peer stopped answering); until the shell
+    // reports the link gone, a new write used to be neither replicated nor journaled yet
+    // acknowledged, and a FLUSH answered on the local flush alone — a write the peer
+    // lacks, acknowledged without a dirty bit or a new current generation.
+    let mut p = Pair::synced_with_primary();
+    let shared = p.nodes[1].current();
+    p.nodes[0].hold_sends = true;
+    let stalled = p.client(0, write(0, 4096));
+    assert_eq!(p.nodes[0].reply_of(stalled), None, "waits for the peer's Ack");
+    p.advance(PEER_TIMEOUT_MS + 1);
+    assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
+    let late = p.client(0, write(8 * MIB, 4096));
+    let flush = p.client(0, ClientOp::Flush);
+    assert_eq!(p.nodes[0].reply_of(late), None, "answered while dropping");
+    assert_eq!(p.nodes[0].reply_of(flush), None, "answered while dropping");
+    p.cut();
+    for req in [stalled, late, flush] {
+        assert_eq!(p.nodes[0].reply_of(req), Some(Ok(())));
+    }
+    assert!(p.nodes[0].dirty(0) && p.nodes[0].dirty(8 * MIB));
+    assert_ne!(p.nodes[0].current(), shared, "a new current generation");
+}
