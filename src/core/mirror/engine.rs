@@ -1008,13 +1008,22 @@ impl Engine {
             return Err(format!("the disk has failed: {reason}"));
         }
         let connected = self.link.as_ref().is_some_and(|c| c.is_replicating());
-        if !connected && self.link.is_some() && !forced {
+        if !connected && self.link.is_some() {
+            // Not even forced: the connect decision (who copies to whom, or "in sync")
+            // was made from the generations and role at link-up and is still to be
+            // carried out; a forced generation now would make it copy over this node's
+            // new writes, or leave them uncopied while both claim to be in sync.
             let why = self
                 .connect_problem
                 .clone()
                 .unwrap_or_else(|| "the connection is still being set up".into());
+            let way_out = if forced {
+                "; forced-permit is refused while a connection exists: wait for it, or run                  `mirrorctl break` first and retry once the status shows no connection"
+            } else {
+                ""
+            };
             return Err(format!(
-                "the peer is connected but the mirror is not replicating ({why})"
+                "the peer is connected but the mirror is not replicating ({why}){way_out}"
             ));
         }
         if connected {

@@ -189,6 +189,12 @@ impl Pair {
 
     /// A handshake completes; each node decides from the other's state now.
     fn connect(&mut self) {
+        self.link_up();
+        self.settle();
+    }
+
+    /// As `connect`, but nothing is delivered yet: both are still exchanging bitmaps.
+    fn link_up(&mut self) {
         self.epoch += 1;
         self.linked = true;
         let states = [0, 1].map(|i| self.nodes[i].engine.node_state());
@@ -196,8 +202,8 @@ impl Pair {
             self.nodes[i]
                 .engine
                 .handle_link_up(self.epoch, states[1 - i]);
+            self.nodes[i].drain(true);
         }
-        self.settle();
     }
 
     /// The connection is gone (the shell closed it): what is in flight on it is lost.
@@ -289,4 +295,57 @@ fn nothing_is_acknowledged_while_a_primary_drops_its_link() {
     }
     assert!(p.nodes[0].dirty(0) && p.nodes[0].dirty(8 * MIB));
     assert_ne!(p.nodes[0].current(), shared, "a new current generation");
+}
+
+#[test]
+fn forced_permit_is_refused_while_a_connection_is_being_set_up() {
+    // F2: forced-permit was accepted while the link was up but not replicating. Here
+    // both decided "in sync" at link-up; the forced node then wrote, and the decision
+    // carried out afterwards started replicating without copying those writes: both
+    // UpToDate and connected, the peer lacking acknowledged writes (a switchover loses
+    // them). With the other decisions it copied over the live Primary.
+    let mut p = Pair::synced();
+    p.cut();
+    p.link_up();
+    assert_eq!(p.nodes[0].link_state(), Some("connecting"));
+    let refused = p.nodes[0].engine.activate(true, 99);
+    let message = refused.expect_err("forced-permit while connecting");
+    assert!(message.contains("mirrorctl break"), "{message}");
+    assert_eq!(p.nodes[0].engine.role(), Role::Secondary);
+    p.settle();
+    assert_eq!(p.nodes[0].link_state(), Some("connected"));
+    // The way out the refusal names: break (the link goes), then forced-permit.
+    p.cut();
+    p.nodes[0].engine.activate(true, 99).expect("no connection");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+}
+
+#[test]
+fn a_primary_never_becomes_a_resync_target() {
+    // F2: a rebuild started on one Secondary crossed the activation of the other: the
+    // new Primary received the sync generation while idle and replicating, became the
+    // target (Inconsistent, while serving) and applied resync data under its
+    // application, older data over its newer writes.
+    let mut p = Pair::synced();
+    p.nodes[1].differs.insert(5);
+    p.nodes[1].engine.start_verify().expect("in sync, both Secondary");
+    p.settle();
+    p.nodes[1].differs.clear();
+    assert!(p.nodes[1].dirty(5 * REGION), "the verify marked region 5");
+    p.nodes[1].hold_sends = true;
+    p.nodes[1]
+        .engine
+        .start_differential_rebuild()
+        .expect("dirty, both Secondary");
+    p.settle();
+    p.nodes[0].engine.activate(false, 12).expect("UpToDate, peer Secondary");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    p.nodes[1].hold_sends = false;
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    assert_ne!(p.nodes[0].engine.disk_state(), DiskState::Inconsistent);
+    assert_eq!(p.nodes[0].engine.stats().resync_bytes_received, 0);
+    assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
 }

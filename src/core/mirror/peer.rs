@@ -689,8 +689,17 @@ impl Engine {
     }
 
     /// The peer copies to us: wait for its sync generation, then become durably
-    /// Inconsistent before applying anything (`TargetStage`).
+    /// Inconsistent before applying anything (`TargetStage`). Never on a Primary: its
+    /// application would see data change under it, older data over its newer writes
+    /// (the rules say TargetPrimary; this also covers a resync the peer started, e.g. a
+    /// rebuild, that crossed our activation).
     fn start_target(&mut self, full: bool) {
+        if self.role() == Role::Primary {
+            self.connect_problem =
+                Some("the peer would copy to this node, but it is active (Primary)".into());
+            self.drop_link("refusing to be a resync target while Primary".into());
+            return;
+        }
         let conn = self.conn();
         conn.phase = ConnPhase::Replicating;
         conn.target = Some(TargetState {

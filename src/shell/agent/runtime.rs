@@ -423,7 +423,8 @@ impl MirrorRuntime {
 
     /// `mirrorctl forced-permit` (and `activate --force`): make this side writable
     /// although it cannot prove it is up to date. The engine refuses while the peer is
-    /// connected and active; disconnected, it makes a new generation marked forced,
+    /// connected and active, and while a connection exists that does not replicate yet
+    /// (`mirrorctl break` first); disconnected, it makes a new generation marked forced,
     /// durably, before the export opens. Logged (warning) with who and when.
     pub async fn forced_permit(&self, caller: &Caller) -> Result<String, String> {
         let at = utc_now();
