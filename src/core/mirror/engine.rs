@@ -1048,10 +1048,16 @@ impl Engine {
         }
         // WAS_PRIMARY and CRASHED_PRIMARY are "set while Primary": a node that goes
         // down without deactivating comes back with them (generation rule 40/41).
+        // A pending `resolve --discard-local` is cancelled by any activation: it gave up
+        // the changes made before, never the writes this node is about to acknowledge.
+        if self.meta.superblock().state.flags.contains(Flags::DISCARD_LOCAL) {
+            self.connect_problem = None;
+        }
         let ticket = self.meta.update_superblock(|s| {
             s.role = Role::Primary;
             s.flags.insert(Flags::WAS_PRIMARY);
             s.flags.insert(Flags::CRASHED_PRIMARY);
+            s.flags.remove(Flags::DISCARD_LOCAL);
             if forced && !connected {
                 super::generations::forced_permit(&mut s.generations, &mut s.flags, random);
                 s.disk_state = DiskState::UpToDate;

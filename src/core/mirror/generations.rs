@@ -926,11 +926,14 @@ pub fn settle_flags(flags: &mut Flags, role: Role) {
 /// `mirrorctl forced-permit`: a new current generation now, whether or not a write
 /// follows (so the returning peer sees itself behind, or split brain if it wrote too),
 /// marked forced. The operator has declared this disk's data the truth, so a resync mark
-/// is cleared: it may be a sync source again.
+/// is cleared: it may be a sync source again; and so is a pending `resolve
+/// --discard-local`: it was about the changes made before, and would otherwise throw
+/// away, at the next connect, every write acknowledged from now on.
 pub fn forced_permit(g: &mut Generations, flags: &mut Flags, random: u64) {
     g.new_current(random);
     flags.insert(Flags::FORCED);
     flags.remove(Flags::RESYNC_IN_PROGRESS);
+    flags.remove(Flags::DISCARD_LOCAL);
 }
 
 #[cfg(test)]

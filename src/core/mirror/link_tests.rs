@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::engine::{Engine, EngineConfig};
 use super::types::*;
-use crate::core::meta::{CreateParams, DiskState, MetaEngine, Role};
+use crate::core::meta::{CreateParams, DiskState, Flags, MetaEngine, Role};
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::ByteRange;
 
@@ -348,4 +348,39 @@ fn a_primary_never_becomes_a_resync_target() {
     assert_ne!(p.nodes[0].engine.disk_state(), DiskState::Inconsistent);
     assert_eq!(p.nodes[0].engine.stats().resync_bytes_received, 0);
     assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
+}
+
+#[test]
+fn forced_permit_cancels_a_pending_discard_of_local_changes() {
+    // F4: `resolve --discard-local` persisted DISCARD_LOCAL; a forced-permit on the same
+    // node (the peer still away) kept it, so at the next connect the split brain was
+    // "resolved" by overwriting everything the node acknowledged since the permit.
+    let mut p = Pair::synced_with_primary();
+    p.cut();
+    p.nodes[1].engine.activate(true, 21).expect("disconnected");
+    p.nodes[0].engine.deactivate().expect("no requests");
+    p.settle();
+    p.nodes[0].engine.resolve_discard_local().expect("Secondary, not connected");
+    p.nodes[0].engine.activate(true, 22).expect("disconnected");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    let w = p.client(0, write(0, 4096));
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())));
+    assert!(
+        !p.nodes[0]
+            .engine
+            .meta()
+            .superblock()
+            .state
+            .flags
+            .contains(Flags::DISCARD_LOCAL)
+    );
+    // The service moves back to node 2; node 1 is deactivated and reconnects.
+    p.nodes[0].engine.deactivate().expect("no requests");
+    p.settle();
+    p.connect();
+    assert_ne!(p.nodes[0].engine.disk_state(), DiskState::Inconsistent);
+    assert_eq!(p.nodes[0].engine.stats().resync_bytes_received, 0);
+    let problem = p.nodes[0].engine.status().problem.unwrap_or_default();
+    assert!(problem.contains("split brain"), "{problem}");
 }

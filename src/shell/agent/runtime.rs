@@ -27,7 +27,7 @@ use crate::constants::{
     BUFFER_POOL_BYTES_MAX, NBD_BLOCK_SIZE_PREFERRED_BYTES, NBD_CONNECTIONS_MAX,
     NBD_PAYLOAD_BYTES_MAX,
 };
-use crate::core::meta::Role;
+use crate::core::meta::{Flags, Role};
 use crate::core::mirror::{Engine, EngineConfig};
 use crate::core::nbd::handshake::ExportInfo;
 use crate::core::repl::ClusterSecret;
@@ -437,6 +437,11 @@ impl MirrorRuntime {
             ));
         }
         let before = self.executor.with_engine(|e| e.generations());
+        // The activation cancels a pending `resolve --discard-local` (it never covers
+        // the writes this node acknowledges from now on): say so.
+        let discard_pending = self
+            .executor
+            .with_engine(|e| e.node_state().flags.contains(Flags::DISCARD_LOCAL));
         let waiting = self.executor.activate(true).map_err(|e| {
             warn!(mirror = self.name, by = %caller, at, error = e, "forced-permit refused");
             format!("mirror {}: forced-permit refused: {e}", self.name)
@@ -447,7 +452,7 @@ impl MirrorRuntime {
                 .map_err(|e| format!("mirror {}: forced-permit failed: {e}", self.name))?;
         }
         let after = self.executor.with_engine(|e| e.generations());
-        let message = if after.current != before.current {
+        let mut message = if after.current != before.current {
             warn!(
                 mirror = self.name,
                 node = self.node_name,
@@ -472,6 +477,16 @@ impl MirrorRuntime {
                 self.name, self.node_name
             )
         };
+        if discard_pending {
+            warn!(
+                mirror = self.name,
+                by = %caller,
+                "pending split-brain resolution (resolve --discard-local) cancelled by forced-permit: this node's writes are kept"
+            );
+            message.push_str(
+                "; the pending `resolve --discard-local` is cancelled: this node keeps its changes",
+            );
+        }
         self.open_export();
         Ok(message)
     }
