@@ -8,7 +8,9 @@
 //! - `handshake`: the handshake state machine (`Handshake`).
 //! - `request`: request header codec and the one validator (`validate`).
 //! - `reply`: reply encoders.
+//! - `client`: the client side (greeting, NBD_OPT_GO, simple replies) for small clients.
 
+pub mod client;
 pub mod handshake;
 pub mod reply;
 pub mod request;
