@@ -1,4 +1,4 @@
-//! `mirrordisk`: the node agent and its tools (agent, serve, and later demo).
+//! `mirrordisk`: the node agent and its tools (agent, serve, demo).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use mirrordisk::shell::agent::{self, AgentArgs};
+use mirrordisk::shell::demo::{self, DemoArgs, SIZE_DEFAULT};
 use mirrordisk::shell::serve::{self, ServeConfig};
 
 #[derive(Debug, Parser)]
@@ -32,6 +33,22 @@ enum Command {
         /// configured node is named like this host (`hostname`).
         #[arg(long, value_name = "NAME")]
         node: Option<String>,
+    },
+    /// Show the whole thing on this machine, no configuration needed: two agents on
+    /// 127.0.0.1 with file-backed disks in a temporary folder, a workload through NBD,
+    /// a planned failover, an outage with journaled writes, the differential rebuild,
+    /// an online verify, a byte comparison of both disks, and a report.
+    Demo {
+        /// Work in this folder (created if missing; must be empty) and keep it
+        /// afterwards. Default: a new temporary folder, removed at the end.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Size of each node's disk file (sparse), e.g. 256M or 1G.
+        #[arg(long, value_name = "SIZE", default_value = SIZE_DEFAULT, value_parser = mirrordisk::config::parse_size)]
+        size: u64,
+        /// Leave the cluster up after the report, and say how to reach it, until Ctrl-C.
+        #[arg(long)]
+        keep_running: bool,
     },
     /// Export one file or block device over NBD (no mirroring).
     Serve {
@@ -64,6 +81,15 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Agent { config, node } => agent::run(AgentArgs { config, node }),
+        Command::Demo {
+            dir,
+            size,
+            keep_running,
+        } => demo::run(DemoArgs {
+            dir,
+            size_bytes: size,
+            keep_running,
+        }),
         Command::Serve {
             path,
             listen,

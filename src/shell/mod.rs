@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod buffers;
+pub mod demo;
 pub mod disk;
 pub mod metadata;
 pub mod mirror_export;
