@@ -178,83 +178,11 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# ---------------------------------------------------------------- ports
+# ---------------------------------------------------------------- ports and the pair
 
-NEXT_PORT=$port_base
-take_port() { # -> PORT
-    while ! bench_port_free "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
-    PORT=$NEXT_PORT
-    NEXT_PORT=$((NEXT_PORT + 1))
-}
-
-# ---------------------------------------------------------------- the mirror pair
-
-# start_pair LOG_PREFIX [activate]: fresh config (fresh ports), both agents confined to
-# the server CPU, both in sync; with "activate", alpha is made primary and its export
-# is open. Sets ALPHA_PID, BETA_PID, NBD_PORT.
-start_pair() {
-    local prefix=$1 activate=${2:-} a_repl b_repl b_nbd node pid
-    take_port; a_repl=$PORT
-    take_port; b_repl=$PORT
-    take_port; NBD_PORT=$PORT
-    take_port; b_nbd=$PORT
-    repl_write_config "$WORK/cluster.toml" "$WORK" "$a_repl" "$b_repl" "$NBD_PORT" "$b_nbd"
-    for node in alpha beta; do
-        printf '$ nice -n %s taskset -c %s %s agent --config %s --node %s\n' "$nice_adj" "$server_cpu" \
-            "$MIRRORDISK" "$WORK/cluster.toml" "$node" >>"$prefix.$node.log"
-        nice -n "$nice_adj" taskset -c "$server_cpu" "$MIRRORDISK" agent --config "$WORK/cluster.toml" \
-            --node "$node" </dev/null >>"$prefix.$node.log" 2>&1 &
-        pid=$!
-        if [[ $node == alpha ]]; then ALPHA_PID=$pid; else BETA_PID=$pid; fi
-    done
-    for node in alpha beta; do
-        [[ $node == alpha ]] && pid=$ALPHA_PID || pid=$BETA_PID
-        if ! repl_wait_socket "$pid" "$WORK/$node.sock" 20; then
-            bench_log "  agent $node did not open its admin socket within 20 s; log: $prefix.$node.log"
-            tail -n 20 "$prefix.$node.log" >&2 || true
-            return 1
-        fi
-    done
-    for node in alpha beta; do
-        if ! repl_py wait --socket "$WORK/$node.sock" --until 'in_sync(m)' --timeout 30 >/dev/null \
-            2>>"$prefix.$node.log"; then
-            bench_log "  agent $node: the mirror is not in sync within 30 s (see $prefix.$node.log):"
-            tail -n 1 "$prefix.$node.log" >&2
-            return 1
-        fi
-    done
-    if [[ $activate == activate ]]; then
-        if ! repl_py admin --socket "$WORK/alpha.sock" --json '{"command":"activate","mirror":"db"}' \
-            >>"$prefix.alpha.log" 2>&1; then
-            bench_log "  activate alpha failed: $(tail -n 1 "$prefix.alpha.log")"
-            return 1
-        fi
-        if ! repl_py wait --socket "$WORK/alpha.sock" --until "m['export']['open'] and m['role'] == 'Primary'" \
-            --timeout 10 >/dev/null 2>>"$prefix.alpha.log" ||
-            ! bench_wait_listening "$ALPHA_PID" "$NBD_PORT" 10; then
-            bench_log "  alpha's export did not open; log: $prefix.alpha.log"
-            return 1
-        fi
-    fi
-}
-
-# stop_pair LOG_PREFIX: deactivate alpha if it is primary (so that no side stops while
-# the other is primary: a clean, in-sync pair for the next start), then SIGTERM both.
-# Returns 1 if a step failed (the logs say which).
-stop_pair() {
-    local prefix=$1 ok=0
-    if [[ -n $ALPHA_PID ]] && kill -0 "$ALPHA_PID" 2>/dev/null &&
-        [[ $(repl_py get --socket "$WORK/alpha.sock" --expr "m['role']" 2>/dev/null) == Primary ]]; then
-        repl_py admin --socket "$WORK/alpha.sock" --json '{"command":"deactivate","mirror":"db"}' \
-            >>"$prefix.alpha.log" 2>&1 || { bench_log "  deactivate alpha failed (see $prefix.alpha.log)"; ok=1; }
-    fi
-    if [[ -n $ALPHA_PID ]]; then repl_stop_agent "$ALPHA_PID" "$prefix.alpha.log" || ok=1; fi
-    ALPHA_PID=""
-    if [[ -n $BETA_PID ]]; then repl_stop_agent "$BETA_PID" "$prefix.beta.log" || ok=1; fi
-    BETA_PID=""
-    ((ok == 0)) || bench_log "  an agent did not stop cleanly (see $prefix.*.log)"
-    return "$ok"
-}
+# bench/lib.sh's repl_take_port, repl_start_pair and repl_stop_pair use these.
+REPL_WORK=$WORK REPL_NICE_ADJ=$nice_adj REPL_SERVER_CPU=$server_cpu REPL_NEXT_PORT=$port_base
+take_port() { repl_take_port; }
 
 # ---------------------------------------------------------------- single-file servers
 
@@ -307,10 +235,10 @@ run_one() { # ROUND WORKLOAD SERVER POSITION
     ((quiet_wait > 0)) && bench_py quiet --cpus "$server_cpu,$fio_cpu" --timeout "$quiet_wait"
     local uri
     if [[ $server == replicated ]]; then
-        if ! start_pair "$prefix" activate; then
+        if ! repl_start_pair "$prefix" activate; then
             FAILED_RUNS=$((FAILED_RUNS + 1))
             echo "$round,$workload,$server,$position,$kind,$rw,$bs,$qd,start-failed" >>"$results/failed.csv"
-            stop_pair "$prefix" || true
+            repl_stop_pair "$prefix" || true
             return 0
         fi
         pids=(--pid "$ALPHA_PID" --pid "$BETA_PID")
@@ -340,7 +268,7 @@ run_one() { # ROUND WORKLOAD SERVER POSITION
         FAILED_RUNS=$((FAILED_RUNS + 1))
     fi
     if [[ $server == replicated ]]; then
-        stop_pair "$prefix" || FAILED_RUNS=$((FAILED_RUNS + 1))
+        repl_stop_pair "$prefix" || FAILED_RUNS=$((FAILED_RUNS + 1))
     else
         stop_servers
     fi
@@ -357,17 +285,20 @@ rotated() { # OFFSET
 copy_mirror() { # ROUND POSITION
     local round=$1 position=$2 prefix=$results/logs/r$1-copy-mirror
     ((quiet_wait > 0)) && bench_py quiet --cpus "$server_cpu,$fio_cpu" --timeout "$quiet_wait"
-    if ! start_pair "$prefix"; then
+    # The first full copy after `mirrorctl create` (its documented use): fresh metadata
+    # on both disks, the data partitions untouched; both agents wait for the operator.
+    if ! repl_new_metadata "$MIRRORCTL" "$WORK" "$size_mib" 2>>"$prefix.alpha.log" ||
+        ! repl_start_pair "$prefix" new; then
         FAILED_RUNS=$((FAILED_RUNS + 1))
-        stop_pair "$prefix" || true
+        repl_stop_pair "$prefix" || true
         return 0
     fi
     repl_py full-copy --source "$WORK/alpha.sock" --target "$WORK/beta.sock" --mirror db --from alpha \
-        --pid "$ALPHA_PID" --pid "$BETA_PID" --server-cpu "$server_cpu" --client-cpu "$fio_cpu" \
+        --bytes "$DATA_BYTES" --pid "$ALPHA_PID" --pid "$BETA_PID" --server-cpu "$server_cpu" --client-cpu "$fio_cpu" \
         --interval "$(awk -v ms="$poll_ms" 'BEGIN { print ms / 1000 }')" --timeout 600 --csv "$COPY_CSV" \
         --meta "round=$round" --meta "method=mirror" --meta "position=$position" ||
         FAILED_RUNS=$((FAILED_RUNS + 1))
-    stop_pair "$prefix" || FAILED_RUNS=$((FAILED_RUNS + 1))
+    repl_stop_pair "$prefix" || FAILED_RUNS=$((FAILED_RUNS + 1))
     sleep 0.3
 }
 
@@ -442,8 +373,10 @@ started=$SECONDS
     if ((copy_rounds > 0)); then
         mapfile -t cmd < <(qemu_part_command FILE PORT OFFSET SIZE)
         echo "- full copy: mirror = \`mirrorctl rebuild db --full --from alpha\` (admin request rebuild-full)" \
-            "on an in-sync inactive pair, timed from the request to the first status answer (polled every" \
-            "$poll_ms ms) showing both UpToDate, connected, nothing dirty; nbdcopy = $(nbdcopy --version | head -n 1):" \
+            "on a new pair (\`mirrorctl create --force\` on both disks again, not --blank: both wait for" \
+            "this first full copy; the data partitions are kept), timed from the request to the first answer of beta's status (polled" \
+            "every $poll_ms ms) showing beta UpToDate, connected, no resync (then, untimed, alpha must agree:" \
+            "in sync, nothing dirty); rate = data size / that time; nbdcopy = $(nbdcopy --version | head -n 1):" \
             "\`nbdcopy --flush nbd://SRC nbd://DST\` between \`${cmd[*]}\` on alpha's and on beta's disk (each" \
             "confined to CPU $server_cpu), timed from start to exit"
     fi
@@ -492,8 +425,7 @@ done
 # Sanity: after every replicated write and every copy, both data partitions are equal.
 identical=""
 if ((need_md)); then
-    if cmp -s <(tail -c +$((DATA_OFFSET + 1)) "$WORK/alpha.img" | head -c "$DATA_BYTES") \
-        <(tail -c +$((DATA_OFFSET + 1)) "$WORK/beta.img" | head -c "$DATA_BYTES"); then
+    if repl_data_identical "$WORK" "$DATA_OFFSET" "$DATA_BYTES"; then
         identical="yes"
     else
         identical="NO"
