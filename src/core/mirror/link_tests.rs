@@ -11,6 +11,7 @@ use super::types::*;
 use crate::core::meta::{CreateParams, DiskState, Flags, MetaEngine, Role};
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::ByteRange;
+use crate::core::repl::wire::NodeState;
 
 const MIB: u64 = 1 << 20;
 /// The bitmap granularity (the default).
@@ -168,7 +169,10 @@ impl Pair {
     fn synced() -> Pair {
         let mut p = Pair::new();
         p.connect();
-        p.nodes[0].engine.start_full_sync(11).expect("both disks new");
+        p.nodes[0]
+            .engine
+            .start_full_sync(11)
+            .expect("both disks new");
         p.settle();
         for node in &p.nodes {
             assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
@@ -180,7 +184,10 @@ impl Pair {
     /// As `synced`, and node 1 active.
     fn synced_with_primary() -> Pair {
         let mut p = Pair::synced();
-        p.nodes[0].engine.activate(false, 12).expect("UpToDate and connected");
+        p.nodes[0]
+            .engine
+            .activate(false, 12)
+            .expect("UpToDate and connected");
         p.settle();
         assert_eq!(p.nodes[0].role_changes, vec![Ok(())]);
         assert_eq!(p.nodes[0].engine.role(), Role::Primary);
@@ -195,13 +202,19 @@ impl Pair {
 
     /// As `connect`, but nothing is delivered yet: both are still exchanging bitmaps.
     fn link_up(&mut self) {
+        let states = [0, 1].map(|i| self.nodes[i].engine.node_state());
+        self.link_up_with(states);
+    }
+
+    /// A handshake completes in which node `i` sent `sent[i]`, its state when the
+    /// handshake started (the shell takes it then): nothing delivered yet.
+    fn link_up_with(&mut self, sent: [NodeState; 2]) {
         self.epoch += 1;
         self.linked = true;
-        let states = [0, 1].map(|i| self.nodes[i].engine.node_state());
         for i in 0..2 {
             self.nodes[i]
                 .engine
-                .handle_link_up(self.epoch, states[1 - i]);
+                .handle_link_up_from(self.epoch, sent[i], sent[1 - i]);
             self.nodes[i].drain(true);
         }
     }
@@ -221,10 +234,11 @@ impl Pair {
         while let Some(msg) = self.nodes[from].outbox.pop_front() {
             any = true;
             let to = &mut self.nodes[1 - from];
-            let data = matches!(msg, PeerMsg::Write { .. } | PeerMsg::ResyncData { .. }).then(|| {
-                to.next_data += 1;
-                PeerDataId(to.next_data)
-            });
+            let data =
+                matches!(msg, PeerMsg::Write { .. } | PeerMsg::ResyncData { .. }).then(|| {
+                    to.next_data += 1;
+                    PeerDataId(to.next_data)
+                });
             to.engine.handle_peer(msg, data);
             to.drain(self.linked);
         }
@@ -282,7 +296,11 @@ fn nothing_is_acknowledged_while_a_primary_drops_its_link() {
     let shared = p.nodes[1].current();
     p.nodes[0].hold_sends = true;
     let stalled = p.client(0, write(0, 4096));
-    assert_eq!(p.nodes[0].reply_of(stalled), None, "waits for the peer's Ack");
+    assert_eq!(
+        p.nodes[0].reply_of(stalled),
+        None,
+        "waits for the peer's Ack"
+    );
     p.advance(PEER_TIMEOUT_MS + 1);
     assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
     let late = p.client(0, write(8 * MIB, 4096));
@@ -329,7 +347,10 @@ fn a_primary_never_becomes_a_resync_target() {
     // application, older data over its newer writes.
     let mut p = Pair::synced();
     p.nodes[1].differs.insert(5);
-    p.nodes[1].engine.start_verify().expect("in sync, both Secondary");
+    p.nodes[1]
+        .engine
+        .start_verify()
+        .expect("in sync, both Secondary");
     p.settle();
     p.nodes[1].differs.clear();
     assert!(p.nodes[1].dirty(5 * REGION), "the verify marked region 5");
@@ -339,7 +360,10 @@ fn a_primary_never_becomes_a_resync_target() {
         .start_differential_rebuild()
         .expect("dirty, both Secondary");
     p.settle();
-    p.nodes[0].engine.activate(false, 12).expect("UpToDate, peer Secondary");
+    p.nodes[0]
+        .engine
+        .activate(false, 12)
+        .expect("UpToDate, peer Secondary");
     p.settle();
     assert_eq!(p.nodes[0].engine.role(), Role::Primary);
     p.nodes[1].hold_sends = false;
@@ -360,7 +384,10 @@ fn forced_permit_cancels_a_pending_discard_of_local_changes() {
     p.nodes[1].engine.activate(true, 21).expect("disconnected");
     p.nodes[0].engine.deactivate().expect("no requests");
     p.settle();
-    p.nodes[0].engine.resolve_discard_local().expect("Secondary, not connected");
+    p.nodes[0]
+        .engine
+        .resolve_discard_local()
+        .expect("Secondary, not connected");
     p.nodes[0].engine.activate(true, 22).expect("disconnected");
     p.settle();
     assert_eq!(p.nodes[0].engine.role(), Role::Primary);
@@ -383,4 +410,109 @@ fn forced_permit_cancels_a_pending_discard_of_local_changes() {
     assert_eq!(p.nodes[0].engine.stats().resync_bytes_received, 0);
     let problem = p.nodes[0].engine.status().problem.unwrap_or_default();
     assert!(problem.contains("split brain"), "{problem}");
+}
+
+#[test]
+fn both_nodes_decide_on_the_state_the_other_holds() {
+    // F3: the State a node sends is taken when its handshake starts. Here the primary's
+    // old link is replaced by a new connection (crossed connect) after that: the
+    // replaced link's loss made a new current generation, so the primary decided "the
+    // peer is behind: I copy" while the peer, deciding from the stale State, found them
+    // in sync, became UpToDate without being a target and applied the resync data as
+    // plain writes (out of write order, never marked Inconsistent).
+    let mut p = Pair::synced_with_primary();
+    let sent = [0, 1].map(|i| p.nodes[i].engine.node_state());
+    p.linked = false;
+    for node in &mut p.nodes {
+        node.outbox.clear();
+    }
+    p.nodes[0].engine.handle_link_down(7);
+    p.settle();
+    assert_ne!(p.nodes[0].current(), sent[0].generations.current);
+    let w = p.client(0, write(0, 4096));
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())));
+    p.nodes[1].engine.handle_link_down(8);
+    let received = p.nodes[1].engine.stats().resync_bytes_received;
+    p.link_up_with(sent);
+    p.settle();
+    assert_eq!(p.nodes[1].engine.stats().resync_bytes_received, received);
+    assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
+    // The next connect decides on fresh state: node 2 is a proper target.
+    p.cut();
+    p.connect();
+    assert!(p.nodes[1].engine.stats().resync_bytes_received > received);
+    for node in &p.nodes {
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
+    assert_eq!(
+        p.nodes[0].engine.generations(),
+        p.nodes[1].engine.generations()
+    );
+}
+
+#[test]
+fn resync_data_and_writes_are_refused_by_a_node_that_must_not_apply_them() {
+    // F3: the engine applied ResyncData whenever linked (also with no resync at all, and
+    // on a Primary) and Write frames on a Primary.
+    let mut p = Pair::synced_with_primary();
+    let range = ByteRange::new(0, 4096).unwrap();
+    p.nodes[1]
+        .engine
+        .handle_peer(PeerMsg::ResyncData { seq: 1, range }, Some(PeerDataId(99)));
+    p.nodes[1].drain(true);
+    assert!(p.nodes[1].disk.is_empty(), "applied: {:?}", p.nodes[1].disk);
+    assert_eq!(p.nodes[1].dropped.len(), 1);
+    p.cut();
+    p.connect();
+    p.nodes[0].engine.handle_peer(
+        PeerMsg::Write {
+            seq: 1,
+            range,
+            fua: false,
+        },
+        Some(PeerDataId(99)),
+    );
+    p.nodes[0].drain(true);
+    assert!(p.nodes[0].disk.is_empty(), "applied: {:?}", p.nodes[0].disk);
+    assert_eq!(p.nodes[0].dropped.len(), 1);
+}
+
+#[test]
+fn a_changed_current_generation_of_an_idle_peer_drops_the_link() {
+    // F3: while replicating, a peer whose current generation changed outside a resync
+    // was silently taken as still in sync.
+    let mut p = Pair::synced();
+    let mut state = p.nodes[0].engine.node_state();
+    state.generations.new_current(0x5151);
+    p.nodes[1].engine.handle_peer(PeerMsg::State(state), None);
+    p.nodes[1].drain(true);
+    assert_eq!(p.nodes[1].dropped.len(), 1, "{:?}", p.nodes[1].dropped);
+}
+
+#[test]
+fn a_full_copy_requested_while_replicating_reconnects_first() {
+    // F3: `rebuild --full --from` while replicating made a new current and started a
+    // full copy at once; the peer, idle and UpToDate, ignored the new generation and
+    // applied every ResyncData as plain writes, never marked Inconsistent.
+    let mut p = Pair::synced();
+    let received = p.nodes[1].engine.stats().resync_bytes_received;
+    p.nodes[0]
+        .engine
+        .start_full_sync(31)
+        .expect("connected, idle");
+    p.settle();
+    assert_eq!(p.nodes[1].engine.stats().resync_bytes_received, received);
+    assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
+    p.cut();
+    p.connect();
+    assert_eq!(
+        p.nodes[1].engine.stats().resync_bytes_received - received,
+        64 * MIB,
+        "a full copy to a proper target"
+    );
+    for node in &p.nodes {
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
 }

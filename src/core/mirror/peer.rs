@@ -60,6 +60,8 @@ pub(super) enum ConnPhase {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) epoch: u64,
+    /// Our state as the peer decided from it: the State of the handshake.
+    sent: NodeState,
     pub(super) peer: NodeState,
     pub(super) phase: ConnPhase,
     pub(super) decision: Decision,
@@ -86,12 +88,16 @@ pub(super) struct Conn {
     target: Option<TargetState>,
     /// Set while this node runs an online verify.
     pub(super) verify: Option<VerifySource>,
+    /// Operator full copy requested while replicating: the new current generation being
+    /// made durable; then the link is dropped (`start_full_sync`).
+    full_sync_start: Option<SuperblockTicket>,
 }
 
 impl Conn {
-    fn new(epoch: u64, peer: NodeState, decision: Decision) -> Conn {
+    fn new(epoch: u64, sent: NodeState, peer: NodeState, decision: Decision) -> Conn {
         Conn {
             epoch,
+            sent,
             peer,
             phase: ConnPhase::Exchanging,
             decision,
@@ -108,6 +114,7 @@ impl Conn {
             resync: None,
             target: None,
             verify: None,
+            full_sync_start: None,
         }
     }
 
@@ -328,8 +335,21 @@ impl Engine {
     // Connection life cycle.
     // ----------------------------------------------------------------------------
 
-    /// A handshake completed: `peer` is the peer's state as it sent it.
+    /// A handshake completed: `peer` is the peer's state as it sent it, and ours was sent
+    /// as it is now (tests and the simulation take both states at link-up).
     pub fn handle_link_up(&mut self, epoch: u64, peer: NodeState) {
+        let sent = self.node_state();
+        self.handle_link_up_from(epoch, sent, peer);
+    }
+
+    /// A handshake completed in which we sent `sent` (our state when the handshake
+    /// started) and the peer sent `peer`. The peer decides from `sent`: if our
+    /// generations, role or flags changed since (the loss of a link this one replaced
+    /// made a new current generation; an operator command ran meanwhile), the two nodes
+    /// would decide differently — one copying to a peer that thinks it is in sync. Then
+    /// the link is dropped at once, before the bitmaps, and the next connect decides on
+    /// fresh state.
+    pub fn handle_link_up_from(&mut self, epoch: u64, sent: NodeState, peer: NodeState) {
         assert!(
             self.link.is_none(),
             "link up while a connection is established"
@@ -338,7 +358,15 @@ impl Engine {
         self.peer_last = Some((peer, self.now_ms));
         self.connect_problem = None;
         let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
-        self.link = Some(Conn::new(epoch, peer, decision));
+        self.link = Some(Conn::new(epoch, sent, peer, decision));
+        if !same_decision_inputs(&sent, &self.node_state()) {
+            self.drop_link(
+                "this node's state changed during the handshake: reconnecting to decide on the current state"
+                    .into(),
+            );
+            self.pump();
+            return;
+        }
         if self.role() == Role::Primary && peer.role == Role::Primary {
             self.connect_problem =
                 Some("both nodes are active (Primary): refusing to connect".into());
@@ -457,6 +485,28 @@ impl Engine {
             }
             return;
         }
+        // Writes are applied only on a Secondary (the peer is the Primary), resync data
+        // only on a Secondary that is this connection's sync target, i.e. durably
+        // Inconsistent under the sync generation before the first one is applied.
+        let refusal = match msg {
+            PeerMsg::Write { .. } | PeerMsg::WriteZeroes { .. } if self.role() == Role::Primary => {
+                Some("a replicated write sent to the Primary")
+            }
+            PeerMsg::ResyncData { .. }
+                if self.role() == Role::Primary || !self.conn().has_target() =>
+            {
+                Some("resync data, but this node is not a resync target")
+            }
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            if let Some(id) = data {
+                self.actions.push_back(Action::Release(DataRef::Peer(id)));
+            }
+            self.drop_link(format!("protocol violation: {refusal}"));
+            self.pump();
+            return;
+        }
         let data_bytes = self.meta.layout().data_bytes;
         let in_bounds = |range: ByteRange| range.end() <= data_bytes;
         match msg {
@@ -549,6 +599,16 @@ impl Engine {
 
     /// Both bitmaps are known: act on the generation rules.
     fn exchange_done(&mut self) {
+        // The peer decided from the State we sent; if ours changed while the bitmaps
+        // were exchanged (a role change), the decisions may differ: decide again.
+        let sent = self.conn().sent;
+        if !same_decision_inputs(&sent, &self.node_state()) {
+            self.drop_link(
+                "this node's state changed while connecting: reconnecting to decide on the current state"
+                    .into(),
+            );
+            return;
+        }
         let conn = self.conn();
         let bytes = std::mem::take(&mut conn.peer_bitmap);
         let decision = conn.decision;
@@ -767,12 +827,22 @@ impl Engine {
                 self.act_on(decision, RoaringBitmap::new());
             }
             ConnPhase::Replicating => {
-                // A source that was in sync with us started a resync (after a verify):
-                // its State names a sync generation over the current we share.
                 let ours = self.generations().current;
                 let sync = state.generations.bitmap;
                 let conn = self.conn();
                 let idle = conn.target.is_none() && conn.resync.is_none();
+                if idle && state.generations.current != before.generations.current {
+                    // Only a resync changes a current generation while connected (the
+                    // target takes the sync generation, then the source's): outside one,
+                    // the peer's data may no longer be ours. Decide again.
+                    self.drop_link(
+                        "the peer's current generation changed outside a resync: reconnecting to decide again"
+                            .into(),
+                    );
+                    return;
+                }
+                // A source that was in sync with us started a resync (after a verify):
+                // its State names a sync generation over the current we share.
                 if idle
                     && state.generations.current == ours
                     && sync != meta::generation::GENERATION_NONE
@@ -850,6 +920,16 @@ impl Engine {
     /// Steps of the resync that wait for durable metadata.
     pub(super) fn peer_superblock_waits_done(&mut self) -> bool {
         let mut progress = false;
+        if let Some(ticket) = self.link.as_ref().and_then(|c| c.full_sync_start)
+            && self.meta.superblock_durable(ticket)
+        {
+            self.conn().full_sync_start = None;
+            self.drop_link(
+                "full copy from this node requested: reconnecting so that both nodes decide on its new generation"
+                    .into(),
+            );
+            progress = true;
+        }
         if let Some(stage) = self
             .link
             .as_ref()
@@ -1397,13 +1477,23 @@ impl Engine {
                     .into(),
             );
         }
-        self.meta.update_superblock(|s| {
+        let replicating = conn.phase == ConnPhase::Replicating;
+        let ticket = self.meta.update_superblock(|s| {
             s.generations.new_current(random);
             s.disk_state = DiskState::UpToDate;
             s.flags.insert(Flags::FULL_SYNC_REQUIRED);
             s.flags.remove(Flags::RESYNC_IN_PROGRESS);
         });
         self.disk_state = DiskState::UpToDate;
+        if replicating {
+            // The peer is in sync with our old generation and would take the copy as
+            // plain writes, never marked Inconsistent. Once the new generation is
+            // durable the link is dropped: the next connect finds the peer behind
+            // (rule 70/80), and FULL_SYNC_REQUIRED makes the copy full.
+            self.conn().full_sync_start = Some(ticket);
+            self.pump();
+            return Ok(());
+        }
         let peer = self.conn().peer;
         let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
         self.act_on(decision, RoaringBitmap::new());
@@ -1472,6 +1562,12 @@ impl Engine {
             None => Err("no resync is running with this node as its source".into()),
         }
     }
+}
+
+/// Whether two states of one node lead the generation rules (and the split-brain
+/// resolution) to the same decision: generations, role and flags.
+fn same_decision_inputs(a: &NodeState, b: &NodeState) -> bool {
+    a.generations == b.generations && a.role == b.role && a.flags == b.flags
 }
 
 /// Maximal runs `[start, end)` of set bits.

@@ -374,13 +374,17 @@ impl Executor {
         self.decision.replace(Some(record));
     }
 
-    /// A handshake completed and this connection won: the engine takes it over.
-    pub fn link_up(&self, link: Rc<LinkOut>, peer: NodeState) {
+    /// A handshake completed and this connection won: the engine takes it over. `sent`
+    /// is the State we sent in the handshake (what the peer decides from), `peer` the
+    /// peer's.
+    pub fn link_up(&self, link: Rc<LinkOut>, sent: NodeState, peer: NodeState) {
         let previous = self.link.replace(Some(link.clone()));
         assert!(previous.is_none(), "link up while another link is up");
         let (decision, text) = self.decide_with(&peer);
         self.record_decision(decision, text);
-        self.engine.borrow_mut().handle_link_up(link.epoch(), peer);
+        self.engine
+            .borrow_mut()
+            .handle_link_up_from(link.epoch(), sent, peer);
         self.drain();
         self.flush_submissions();
     }

@@ -636,7 +636,7 @@ impl PeerLink {
         let handshake = self.handshake(&mut stream, remote).await;
         self.state.borrow_mut().handshaking.remove(&conn_id);
         self.changed.notify_waiters();
-        let (established, leftover) = match handshake {
+        let (established, leftover, sent) = match handshake {
             Ok(done) => done,
             Err(problem) => {
                 self.problem(problem);
@@ -682,7 +682,7 @@ impl PeerLink {
             "replication link up"
         );
         self.executor
-            .link_up(out.clone(), node_state(&established.peer));
+            .link_up(out.clone(), sent, node_state(&established.peer));
         let reason = self.run(stream, leftover, &out).await;
         let up_ms = self.clock.now_ms().saturating_sub(now);
         {
@@ -773,13 +773,14 @@ impl PeerLink {
         }
     }
 
-    /// Runs the handshake. Returns the outcome and any bytes read past the peer's
-    /// State (the engine's first frames), or the problem to log.
+    /// Runs the handshake. Returns the outcome, any bytes read past the peer's State (the
+    /// engine's first frames) and the State we sent (taken when the handshake started:
+    /// the engine drops the link if its state changed since), or the problem to log.
     async fn handshake(
         &self,
         stream: &mut TcpStream,
         remote: Option<SocketAddr>,
-    ) -> Result<(Established, Vec<u8>), String> {
+    ) -> Result<(Established, Vec<u8>, NodeState), String> {
         let peer = &self.config.peer_name;
         // The address without the (ephemeral) port: a retry looks the same in the log.
         let from = remote.map_or_else(|| "?".to_string(), |a| a.ip().to_string());
@@ -806,7 +807,7 @@ impl PeerLink {
             }
             match hs.status() {
                 Status::InProgress => {}
-                Status::Established(established) => return Ok((*established, input)),
+                Status::Established(established) => return Ok((*established, input, state)),
                 Status::Failed(failure) => {
                     let _ = stream.shutdown().await;
                     return Err(describe_failure(failure, peer, &from));
