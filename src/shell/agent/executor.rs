@@ -109,6 +109,9 @@ pub struct DecisionRecord {
     pub full_copy: bool,
     /// Agent clock (ms) when it was decided.
     pub at_ms: u64,
+    /// The generation rules found a split brain (resolved or not).
+    #[serde(default)]
+    pub split_brain: bool,
 }
 
 /// See the module documentation.
@@ -211,8 +214,37 @@ impl Executor {
         f(&self.engine.borrow())
     }
 
+    /// The engine's status, with one addition: when both nodes are active the engine
+    /// refuses the connection before it looks at the generations, but if they have
+    /// diverged (the rules, run on the same inputs at link-up, said split brain) that
+    /// refusal is a split brain and the problem says so — the split-brain watch reports
+    /// it (log, hook) like any other.
     pub fn status(&self) -> EngineStatus {
-        self.engine.borrow().status()
+        let mut status = self.engine.borrow().status();
+        status.problem = self.explain_problem(&status);
+        status
+    }
+
+    fn explain_problem(&self, status: &EngineStatus) -> Option<String> {
+        let problem = status.problem.clone()?;
+        let both_active = status.link.is_none()
+            && status.role == Role::Primary
+            && status
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.role == Role::Primary);
+        let decision = self.decision.borrow();
+        match decision.as_ref() {
+            Some(d) if both_active && d.split_brain && !problem.starts_with("split brain") => {
+                Some(format!(
+                    "split brain: {}; both nodes are active (Primary), so the connection is refused: \
+                     deactivate the node whose changes are to be dropped and run \
+                     `mirrorctl resolve {} --discard-local` there",
+                    d.text, self.mirror
+                ))
+            }
+            _ => Some(problem),
+        }
     }
 
     pub fn shell_stats(&self) -> ShellStats {
@@ -306,7 +338,7 @@ impl Executor {
     /// What the generation rules decide for this node and `peer` now: the same pure
     /// function on the same inputs as the engine's connect (`Engine::handle_link_up`),
     /// computed here for the log and status (the engine does not report it).
-    fn decide_with(&self, peer: &NodeState) -> (Decision, String) {
+    fn decide_with(&self, peer: &NodeState) -> (Decision, String, bool) {
         let engine = self.engine.borrow();
         let sb = engine.meta().superblock();
         let local = NodeView {
@@ -325,31 +357,34 @@ impl Executor {
         };
         let decision = decide(&local, &remote);
         let mut text = decision.to_string();
+        let mut resolved = false;
         if matches!(decision.outcome, Outcome::SplitBrain { .. }) {
             let ours = local.flags.contains(Flags::DISCARD_LOCAL);
             let theirs = remote.flags.contains(Flags::DISCARD_LOCAL);
             let zero = self.split_brain_policy.get() == SplitBrainPolicy::DiscardZeroChanges;
+            resolved = true;
             match (ours, theirs) {
                 (true, false) => text.push_str("; resolved: this node discards its changes (resolve --discard-local)"),
                 (false, true) => text.push_str("; resolved: the peer discards its changes (resolve --discard-local)"),
                 (false, false) if zero && local.dirty != remote.dirty => text.push_str(
                     "; after_split_brain = discard-zero-changes: the side without changes is overwritten",
                 ),
-                _ => {}
+                _ => resolved = false,
             }
         }
-        (decision, text)
+        (decision, text, resolved)
     }
 
-    /// Records (and logs, when it changed) a connect decision.
-    fn record_decision(&self, decision: Decision, text: String) {
+    /// Records (and logs, when it changed) a connect decision. `resolved`: a split
+    /// brain the resolution or the policy turns into a copy.
+    fn record_decision(&self, decision: Decision, text: String, resolved: bool) {
         let full_copy = decision.resync().is_some_and(|r| r.full)
-            || matches!(decision.outcome, Outcome::SplitBrain { resolve_full: true })
-                && text.contains("; resolved");
+            || matches!(decision.outcome, Outcome::SplitBrain { resolve_full: true }) && resolved;
         let record = DecisionRecord {
             text,
             full_copy,
             at_ms: self.clock.now_ms(),
+            split_brain: matches!(decision.outcome, Outcome::SplitBrain { .. }),
         };
         let changed = self
             .decision
@@ -380,8 +415,8 @@ impl Executor {
     pub fn link_up(&self, link: Rc<LinkOut>, sent: NodeState, peer: NodeState) {
         let previous = self.link.replace(Some(link.clone()));
         assert!(previous.is_none(), "link up while another link is up");
-        let (decision, text) = self.decide_with(&peer);
-        self.record_decision(decision, text);
+        let (decision, text, resolved) = self.decide_with(&peer);
+        self.record_decision(decision, text, resolved);
         self.engine
             .borrow_mut()
             .handle_link_up_from(link.epoch(), sent, peer);
@@ -428,10 +463,10 @@ impl Executor {
             _ => None,
         };
         self.engine.borrow_mut().handle_peer(msg, data_id);
-        if let Some((decision, text)) = redecision
+        if let Some((decision, text, resolved)) = redecision
             && self.link_state().as_deref() != Some("waiting-for-operator")
         {
-            self.record_decision(decision, text);
+            self.record_decision(decision, text, resolved);
         }
         self.drain();
         true
@@ -510,6 +545,7 @@ impl Executor {
                 text: "operator: full copy from this node (mirrorctl rebuild --full --from)".into(),
                 full_copy: true,
                 at_ms: self.clock.now_ms(),
+                split_brain: false,
             }));
         }
         self.drain();
@@ -525,6 +561,7 @@ impl Executor {
                 text: "operator: differential copy of the dirty regions from this node (mirrorctl rebuild)".into(),
                 full_copy: false,
                 at_ms: self.clock.now_ms(),
+                split_brain: false,
             }));
         }
         self.drain();

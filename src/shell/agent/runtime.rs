@@ -39,8 +39,7 @@ use crate::shell::agent::status::{
     MirrorStatus, OperatorView, RuntimeFacts, SplitBrainView, human_bytes, mirror_status,
 };
 use crate::shell::agent::{
-    Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SPLIT_BRAIN_HOOK_TIMEOUT_MS,
-    SYNC_INTERVAL_MS, TICK_MS,
+    Clock, SHUTDOWN_IDLE_TIMEOUT_MS, SPLIT_BRAIN_HOOK_TIMEOUT_MS, SYNC_INTERVAL_MS, TICK_MS,
 };
 use crate::shell::buffers::BufferPool;
 use crate::shell::nbd_server::{Export, SplitStream, serve_connection};
@@ -314,10 +313,7 @@ impl MirrorRuntime {
         let split_brain = self.split_brain.borrow().as_ref().map(|sb| SplitBrainView {
             problem: sb.problem.clone(),
             age_ms: now.saturating_sub(sb.since_ms),
-            hook: sb
-                .hook
-                .as_ref()
-                .map(|h| h.borrow().clone()),
+            hook: sb.hook.as_ref().map(|h| h.borrow().clone()),
         });
         let facts = RuntimeFacts {
             decision: self.executor.decision(),
@@ -346,10 +342,8 @@ impl MirrorRuntime {
     /// brain and ends when the mirror connects and replicates (or resyncs) again; every
     /// reconnect attempt in between meets the same split brain and is not reported again.
     fn watch_split_brain(&self) {
-        let (problem, link_state) = self.executor.with_engine(|e| {
-            let status = e.status();
-            (status.problem, status.link.map(|l| l.state))
-        });
+        let status = self.executor.status();
+        let (problem, link_state) = (status.problem, status.link.map(|l| l.state));
         let split = problem.filter(|p| p.starts_with("split brain:"));
         let reporting = self.split_brain.borrow().is_some();
         match split {
