@@ -232,7 +232,9 @@ struct LinkState {
     broken: Option<(String, String, u64)>,
     /// The last problem (failed connect, refused handshake, lost link) and when.
     problem: Option<(String, u64)>,
-    /// Problems logged since the link was last up: each is logged once.
+    /// Problems logged since the link was last up and stable (`LINK_STABLE_MS`): each
+    /// is logged once. A link the engine drops at once (split brain, both nodes
+    /// active, unrelated disks) does not count, or every retry would log again.
     logged: HashSet<String>,
     links_established: u64,
 }
@@ -668,7 +670,6 @@ impl PeerLink {
                 version: established.version,
                 out: out.clone(),
             });
-            st.logged.clear();
             st.problem = None;
             st.links_established += 1;
         }
@@ -689,6 +690,9 @@ impl PeerLink {
             let mut st = self.state.borrow_mut();
             if st.active.as_ref().is_some_and(|a| a.conn_id == conn_id) {
                 st.active = None;
+            }
+            if up_ms >= LINK_STABLE_MS {
+                st.logged.clear();
             }
         }
         self.executor.link_down(conn_id);
