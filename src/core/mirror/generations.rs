@@ -771,6 +771,20 @@ impl fmt::Display for TransitionError {
     }
 }
 
+/// Whether `g` (a source's generations) names a sync generation made by
+/// [`start_resync_as_source`]: its bitmap generation derives from history[0] (the base),
+/// remapped as that function remaps it. The bitmap generation a link loss or a
+/// forced-permit leaves (the old current) is not one, and a resync target must not adopt
+/// it: after a split brain the target's current differs from it too.
+pub fn names_sync_generation(g: &Generations) -> bool {
+    let base = g.history[0];
+    names_data(base)
+        && names_data(g.bitmap)
+        && [SYNC_GENERATION_STEP, SYNC_FROM_CURRENT_STEP]
+            .iter()
+            .any(|step| g.bitmap == remap(base.wrapping_add(*step), &[g.current, base]))
+}
+
 /// `sync` is the sync generation a resync start derives from `base`.
 fn derived_from(sync: u64, base: u64) -> bool {
     sync == base.wrapping_add(SYNC_GENERATION_STEP)
@@ -1471,6 +1485,52 @@ mod tests {
         let next = start_resync_as_source(&mut g, &mut Flags::empty(), &at(S), false);
         assert_eq!(next, S.wrapping_add(SYNC_GENERATION_STEP));
         assert_eq!(g.history, [S, B]);
+    }
+
+    #[test]
+    fn only_a_generation_made_by_a_resync_start_names_a_sync_generation() {
+        // Made by start_resync_as_source, from a bitmap generation and from the current.
+        let mut g = Generations {
+            current: C,
+            bitmap: B,
+            history: [X, Y],
+        };
+        start_resync_as_source(&mut g, &mut Flags::empty(), &at(B), false);
+        assert!(names_sync_generation(&g), "{g:?}");
+        let mut g = Generations {
+            current: C,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        start_resync_as_source(
+            &mut g,
+            &mut Flags::empty(),
+            &Generations::just_created(),
+            true,
+        );
+        assert!(names_sync_generation(&g), "{g:?}");
+        // Left by a link loss (the old current moved into the bitmap slot), by a
+        // forced-permit, or no bitmap generation at all: not a sync generation. After a
+        // split brain the target's current differs from such a bitmap generation too,
+        // so without this check it adopted the peer's stale bitmap generation and the
+        // resync's finish was then refused ("resync finish for sync generation ...").
+        let mut g = Generations {
+            current: B,
+            bitmap: 0,
+            history: [0, 0],
+        };
+        g.new_current(N);
+        assert_eq!(g.bitmap, B);
+        assert!(!names_sync_generation(&g), "{g:?}");
+        let mut flags = Flags::empty();
+        let mut forced = Generations {
+            current: B,
+            bitmap: 0,
+            history: [X, 0],
+        };
+        forced_permit(&mut forced, &mut flags, N);
+        assert!(!names_sync_generation(&forced), "{forced:?}");
+        assert!(!names_sync_generation(&Generations::just_created()));
     }
 
     #[test]

@@ -786,6 +786,7 @@ impl Engine {
         if target.stage != TargetStage::AwaitingStart
             || sync == meta::generation::GENERATION_NONE
             || sync == ours
+            || !generations::names_sync_generation(&source.generations)
         {
             return;
         }
