@@ -17,6 +17,8 @@ const MIB: u64 = 1 << 20;
 /// The bitmap granularity (the default).
 const REGION: u64 = 4096;
 const PEER_TIMEOUT_MS: u64 = 10_000;
+/// The engines' clock at the start (not 0: nothing should read "at time 0" as recent).
+const START_MS: u64 = 1_000_000;
 
 /// One node: metadata I/O completes at once; disk ops and digests wait until
 /// `Pair::settle` completes them (or a test does), so a test controls what is in flight.
@@ -54,7 +56,7 @@ impl Node {
         };
         Node {
             id: node_id as u8,
-            engine: Engine::new(config, meta, 0),
+            engine: Engine::new(config, meta, START_MS),
             disk: Vec::new(),
             digests: Vec::new(),
             outbox: VecDeque::new(),
@@ -159,7 +161,7 @@ impl Pair {
             nodes: [Node::new(1, 2), Node::new(2, 1)],
             linked: false,
             epoch: 0,
-            now_ms: 0,
+            now_ms: START_MS,
         };
         p.settle();
         p
@@ -511,6 +513,26 @@ fn a_full_copy_requested_while_replicating_reconnects_first() {
         64 * MIB,
         "a full copy to a proper target"
     );
+    for node in &p.nodes {
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
+}
+
+#[test]
+fn a_role_change_while_connecting_that_keeps_the_decision_keeps_the_link() {
+    // The check when the bitmaps are exchanged re-decides; it used to drop the link on
+    // any change of this node's state, also a deactivation that leaves the decision
+    // (this node is ahead: it copies) as it was (found by the two-node simulation).
+    let mut p = Pair::synced_with_primary();
+    p.cut();
+    let w = p.client(0, write(0, 4096));
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())));
+    p.link_up();
+    p.nodes[0].engine.deactivate().expect("no requests");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Secondary);
+    assert!(p.nodes.iter().all(|n| n.dropped.is_empty()));
     for node in &p.nodes {
         assert_eq!(node.link_state(), Some("connected"));
         assert_eq!(node.engine.disk_state(), DiskState::UpToDate);

@@ -60,8 +60,6 @@ pub(super) enum ConnPhase {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) epoch: u64,
-    /// Our state as the peer decided from it: the State of the handshake.
-    sent: NodeState,
     pub(super) peer: NodeState,
     pub(super) phase: ConnPhase,
     pub(super) decision: Decision,
@@ -94,10 +92,9 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    fn new(epoch: u64, sent: NodeState, peer: NodeState, decision: Decision) -> Conn {
+    fn new(epoch: u64, peer: NodeState, decision: Decision) -> Conn {
         Conn {
             epoch,
-            sent,
             peer,
             phase: ConnPhase::Exchanging,
             decision,
@@ -358,7 +355,7 @@ impl Engine {
         self.peer_last = Some((peer, self.now_ms));
         self.connect_problem = None;
         let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
-        self.link = Some(Conn::new(epoch, sent, peer, decision));
+        self.link = Some(Conn::new(epoch, peer, decision));
         if !same_decision_inputs(&sent, &self.node_state()) {
             self.drop_link(
                 "this node's state changed during the handshake: reconnecting to decide on the current state"
@@ -599,14 +596,15 @@ impl Engine {
 
     /// Both bitmaps are known: act on the generation rules.
     fn exchange_done(&mut self) {
-        // The peer decided from the State we sent; if ours changed while the bitmaps
-        // were exchanged (a role change), the decisions may differ: decide again.
-        let sent = self.conn().sent;
-        if !same_decision_inputs(&sent, &self.node_state()) {
-            self.drop_link(
-                "this node's state changed while connecting: reconnecting to decide on the current state"
-                    .into(),
-            );
+        // The decision was made at link-up, as the peer's was from the State we sent.
+        // If our state changed while the bitmaps were exchanged (a role change) so that
+        // the rules now say otherwise, the peer's decision is stale too: decide again.
+        let peer = self.conn().peer;
+        let now = generations::decide(&self.local_view(), &self.peer_view(&peer));
+        if now != self.conn().decision {
+            self.drop_link(format!(
+                "this node's state changed while connecting (now: {now}): reconnecting to decide on the current state"
+            ));
             return;
         }
         let conn = self.conn();
