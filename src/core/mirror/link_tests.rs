@@ -538,3 +538,28 @@ fn a_role_change_while_connecting_that_keeps_the_decision_keeps_the_link() {
         assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
     }
 }
+
+#[test]
+fn a_secondary_whose_disk_fails_a_write_stops_replicating() {
+    // M2: a secondary answered a failed write with a Nack and went on as if healthy:
+    // UpToDate in memory, reconnecting at once and taking a resync onto the disk that
+    // had just failed.
+    let mut p = Pair::synced_with_primary();
+    p.nodes[1].fail_writes = true;
+    let w = p.client(0, write(0, 4096));
+    assert!(
+        p.nodes[1].engine.failure().is_some(),
+        "the secondary's disk failed"
+    );
+    assert_eq!(p.nodes[0].dropped.len(), 1, "the Nack drops the link");
+    p.cut();
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())), "on the local write");
+    assert!(p.nodes[0].dirty(0));
+    let received = p.nodes[1].engine.stats().resync_bytes_received;
+    p.connect();
+    assert_eq!(p.nodes[1].dropped.len(), 1, "{:?}", p.nodes[1].dropped);
+    assert_eq!(p.nodes[1].engine.stats().resync_bytes_received, received);
+    assert_ne!(p.nodes[1].link_state(), Some("sync-target"));
+    let problem = p.nodes[1].engine.status().problem.unwrap_or_default();
+    assert!(problem.contains("failed"), "{problem}");
+}

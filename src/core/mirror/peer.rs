@@ -356,6 +356,15 @@ impl Engine {
         self.connect_problem = None;
         let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
         self.link = Some(Conn::new(epoch, peer, decision));
+        if let Some(reason) = &self.failed {
+            // A failed disk neither replicates nor takes a resync.
+            self.connect_problem = Some(format!(
+                "the disk has failed ({reason}): not replicating until the agent restarts"
+            ));
+            self.drop_link("the local disk has failed".into());
+            self.pump();
+            return;
+        }
         if !same_decision_inputs(&sent, &self.node_state()) {
             self.drop_link(
                 "this node's state changed during the handshake: reconnecting to decide on the current state"
@@ -1167,10 +1176,21 @@ impl Engine {
     pub(super) fn apply_disk_done(&mut self, id: u64, result: Result<(), Errno>) {
         let apply = self.applies.get_mut(&id).expect("a live apply");
         apply.result = result;
+        let range = apply.range;
         if apply.tracked {
             self.meta.handle_write_done(WriteId(id), false);
         }
         self.apply_finished(id);
+        if let Err(errno) = result {
+            // The peer holds this write and we do not. The Nack makes it drop the link
+            // and mark the range dirty; here too the range is marked, and the disk
+            // stops as a primary's does on a local write error: it takes no connection
+            // (no resync onto it) and no activation until the agent restarts.
+            self.meta.mark_dirty(&[meta_range(range)]);
+            self.fail_with(format!(
+                "write from the peer failed ({errno:?}): the disk is failed"
+            ));
+        }
     }
 
     /// Answers the peer, releases the range, and lets waiting flushes proceed.
