@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::engine::{Engine, EngineConfig};
 use super::types::*;
-use crate::core::meta::{CreateParams, DiskState, Flags, MetaEngine, Role};
+use crate::core::meta::{CreateParams, DiskState, Flags, MetaEngine, MetaIo, Role};
 use crate::core::nbd::wire::Errno;
 use crate::core::overlap::ByteRange;
 use crate::core::repl::wire::NodeState;
@@ -41,6 +41,9 @@ struct Node {
     fail_writes: bool,
     /// Regions whose content here differs from the other node's (verify digests).
     differs: BTreeSet<u64>,
+    /// Metadata I/O waits in `meta` instead of completing at once.
+    hold_meta: bool,
+    meta: Vec<MetaIo>,
 }
 
 impl Node {
@@ -68,6 +71,8 @@ impl Node {
             hold_sends: false,
             fail_writes: false,
             differs: BTreeSet::new(),
+            hold_meta: false,
+            meta: Vec::new(),
         }
     }
 
@@ -77,6 +82,7 @@ impl Node {
         while let Some(action) = self.engine.poll_action() {
             any = true;
             match action {
+                Action::Meta(io) if self.hold_meta => self.meta.push(io),
                 Action::Meta(io) => self.engine.handle_meta_done(io.id, Ok(())),
                 Action::Disk { id, op, .. } => self.disk.push((id, op)),
                 Action::Digest {
@@ -122,6 +128,15 @@ impl Node {
             self.drain(linked);
         }
         any
+    }
+
+    /// Completes the held metadata I/O (and from now on all of it at once).
+    fn release_meta(&mut self, linked: bool) {
+        self.hold_meta = false;
+        for io in std::mem::take(&mut self.meta) {
+            self.engine.handle_meta_done(io.id, Ok(()));
+            self.drain(linked);
+        }
     }
 
     fn reply_of(&self, req: ReqId) -> Option<Result<(), Errno>> {
@@ -562,4 +577,37 @@ fn a_secondary_whose_disk_fails_a_write_stops_replicating() {
     assert_ne!(p.nodes[1].link_state(), Some("sync-target"));
     let problem = p.nodes[1].engine.status().problem.unwrap_or_default();
     assert!(problem.contains("failed"), "{problem}");
+}
+
+#[test]
+fn a_full_copy_announces_its_generation_once_it_is_durable() {
+    // M5: `rebuild --full --from` (both disks new) sent its State with the new current
+    // generation before that generation was durable; the peer re-decided on it.
+    let mut p = Pair::new();
+    p.connect();
+    assert_eq!(p.nodes[0].link_state(), Some("waiting-for-operator"));
+    p.nodes[0].hold_meta = true;
+    p.nodes[0]
+        .engine
+        .start_full_sync(41)
+        .expect("both disks new");
+    p.nodes[0].drain(true);
+    let new_current = p.nodes[0].current();
+    let announced = |node: &Node| {
+        node.outbox
+            .iter()
+            .any(|m| matches!(m, PeerMsg::State(s) if s.generations.current == new_current))
+    };
+    assert!(
+        !announced(&p.nodes[0]),
+        "announced before it is durable: {:?}",
+        p.nodes[0].outbox
+    );
+    p.nodes[0].release_meta(true);
+    assert!(announced(&p.nodes[0]));
+    p.settle();
+    for node in &p.nodes {
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
 }

@@ -86,9 +86,11 @@ pub(super) struct Conn {
     target: Option<TargetState>,
     /// Set while this node runs an online verify.
     pub(super) verify: Option<VerifySource>,
-    /// Operator full copy requested while replicating: the new current generation being
-    /// made durable; then the link is dropped (`start_full_sync`).
-    full_sync_start: Option<SuperblockTicket>,
+    /// Operator full copy (`start_full_sync`): its new current generation being made
+    /// durable, and whether the link is then dropped (it was requested while
+    /// replicating) or the rules are followed on this connection (waiting for the
+    /// operator).
+    full_sync_start: Option<(SuperblockTicket, bool)>,
 }
 
 impl Conn {
@@ -928,14 +930,21 @@ impl Engine {
     /// Steps of the resync that wait for durable metadata.
     pub(super) fn peer_superblock_waits_done(&mut self) -> bool {
         let mut progress = false;
-        if let Some(ticket) = self.link.as_ref().and_then(|c| c.full_sync_start)
+        if let Some((ticket, reconnect)) = self.link.as_ref().and_then(|c| c.full_sync_start)
             && self.meta.superblock_durable(ticket)
         {
             self.conn().full_sync_start = None;
-            self.drop_link(
-                "full copy from this node requested: reconnecting so that both nodes decide on its new generation"
-                    .into(),
-            );
+            if reconnect {
+                self.drop_link(
+                    "full copy from this node requested: reconnecting so that both nodes decide on its new generation"
+                        .into(),
+                );
+            } else if self.conn().phase == ConnPhase::WaitingForOperator {
+                let peer = self.conn().peer;
+                let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
+                self.act_on(decision, RoaringBitmap::new());
+                self.send_state();
+            }
             progress = true;
         }
         if let Some(stage) = self
@@ -1480,7 +1489,7 @@ impl Engine {
         if conn.phase == ConnPhase::Exchanging {
             return Err("the connection is still being set up; try again".into());
         }
-        if conn.resync.is_some() || conn.target.is_some() {
+        if conn.resync.is_some() || conn.target.is_some() || conn.full_sync_start.is_some() {
             return Err("a resync is already running".into());
         }
         if conn.peer.role == Role::Primary {
@@ -1504,19 +1513,14 @@ impl Engine {
             s.flags.remove(Flags::RESYNC_IN_PROGRESS);
         });
         self.disk_state = DiskState::UpToDate;
-        if replicating {
-            // The peer is in sync with our old generation and would take the copy as
-            // plain writes, never marked Inconsistent. Once the new generation is
-            // durable the link is dropped: the next connect finds the peer behind
-            // (rule 70/80), and FULL_SYNC_REQUIRED makes the copy full.
-            self.conn().full_sync_start = Some(ticket);
-            self.pump();
-            return Ok(());
-        }
-        let peer = self.conn().peer;
-        let decision = generations::decide(&self.local_view(), &self.peer_view(&peer));
-        self.act_on(decision, RoaringBitmap::new());
-        self.send_state();
+        // Nothing is announced or acted on before the new generation is durable
+        // (`peer_superblock_waits_done`). Then, waiting for the operator, the rules
+        // are followed on this connection (rule 30: the peer is behind, full). While
+        // replicating, the peer is in sync with our old generation and would take the
+        // copy as plain writes, never marked Inconsistent: the link is dropped, the next
+        // connect finds the peer behind (rule 70/80) and FULL_SYNC_REQUIRED makes the
+        // copy full.
+        self.conn().full_sync_start = Some((ticket, replicating));
         self.pump();
         Ok(())
     }
