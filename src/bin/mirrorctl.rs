@@ -446,7 +446,7 @@ fn run(command: Command) -> Result<String, String> {
 }
 
 /// `verify --wait`: polls the status until the verify is no longer running; the
-/// result, or an error if it ended early (the link went down).
+/// result, or an error if it ended early (the link went down, or the peer became active).
 fn wait_for_verify(target: &Target, mirror: &str) -> Result<String, String> {
     loop {
         let response = ask(target, None, Request::Status {}, STATUS_TIMEOUT)?;
@@ -469,7 +469,7 @@ fn wait_for_verify(target: &Target, mirror: &str) -> Result<String, String> {
         );
         if v.verified_bytes < v.total_bytes {
             return Err(format!(
-                "mirror {mirror}: verify interrupted (the link went down): {summary}"
+                "mirror {mirror}: verify interrupted (the link went down, or the peer became active): {summary}"
             ));
         }
         let advice = if v.differing_regions > 0 {

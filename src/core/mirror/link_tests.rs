@@ -262,6 +262,16 @@ impl Pair {
         any
     }
 
+    /// Delivers the oldest message `from` sent, if any.
+    fn deliver_one(&mut self, from: usize) {
+        let rest = std::mem::take(&mut self.nodes[from].outbox);
+        let mut rest = rest.into_iter();
+        self.nodes[from].outbox.extend(rest.next());
+        self.deliver(from);
+        let newer = std::mem::take(&mut self.nodes[from].outbox);
+        self.nodes[from].outbox = rest.chain(newer).collect();
+    }
+
     /// Runs everything not held (deliveries, disk completions) until nothing moves.
     fn settle(&mut self) {
         loop {
@@ -610,4 +620,39 @@ fn a_full_copy_announces_its_generation_once_it_is_durable() {
         assert_eq!(node.link_state(), Some("connected"));
         assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
     }
+}
+
+#[test]
+fn a_verify_on_a_secondary_ends_when_the_peer_becomes_primary() {
+    // M1: a verify run from a Secondary holds its lock on a range until the peer's
+    // digests arrive. The peer activated meanwhile and wrote to that range: its write
+    // waited for our Ack, our apply of it for our verify lock, and the peer's digests
+    // for its write — a deadlock the peer timeout ended by dropping the link.
+    let mut p = Pair::synced();
+    p.nodes[0]
+        .engine
+        .activate(false, 12)
+        .expect("UpToDate, peer Secondary");
+    p.nodes[0].drain(true);
+    if p.nodes[0].engine.role() != Role::Primary {
+        // The activation waits for node 2's confirmation: let its request get there.
+        p.deliver(0);
+    }
+    p.nodes[1].engine.start_verify().expect("in sync, both Secondary");
+    p.nodes[1].drain(true);
+    // Whatever the activation needs from node 2 (States), not its verify requests.
+    while matches!(p.nodes[1].outbox.front(), Some(PeerMsg::State(_))) {
+        p.deliver_one(1);
+    }
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    let w = p.nodes[0].engine.handle_client(write(0, 4096));
+    p.nodes[0].drain(true);
+    p.nodes[0].complete_io(true);
+    p.deliver(0);
+    p.settle();
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())));
+    assert!(p.nodes.iter().all(|n| n.dropped.is_empty()));
+    let verify = p.nodes[1].engine.status().verify.expect("a verify ran");
+    assert!(!verify.running);
+    assert_eq!(p.nodes[1].link_state(), Some("connected"));
 }

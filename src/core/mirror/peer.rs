@@ -100,6 +100,9 @@ pub(super) struct Conn {
     target: Option<TargetState>,
     /// Set while this node runs an online verify.
     pub(super) verify: Option<VerifySource>,
+    /// Verify requests of a verify ended early (`abort_verify`): their replies are
+    /// ignored when they arrive.
+    pub(super) verify_abandoned: BTreeSet<u64>,
     /// Operator full copy (`start_full_sync`): its new current generation being made
     /// durable, and whether the link is then dropped (it was requested while
     /// replicating) or the rules are followed on this connection (waiting for the
@@ -127,6 +130,7 @@ impl Conn {
             resync: None,
             target: None,
             verify: None,
+            verify_abandoned: BTreeSet::new(),
             full_sync_start: None,
         }
     }
@@ -851,6 +855,13 @@ impl Engine {
             self.connect_problem = Some("both nodes are active (Primary)".into());
             self.drop_link("both nodes are Primary".into());
             return;
+        }
+        if state.role == Role::Primary && before.role != Role::Primary {
+            // A verify run from here holds each range until the peer's digests arrive;
+            // the new Primary's writes to it would wait for our Ack, our apply of them
+            // for that range, the peer's digests for its writes: a deadlock. Its State
+            // precedes its first write, so ending the verify now breaks the cycle.
+            self.abort_verify();
         }
         match phase {
             ConnPhase::WaitingForOperator if state.generations != before.generations => {

@@ -3,7 +3,8 @@
 //! and a differential rebuild then copies them.
 //!
 //! Run on the node that would be the sync source (the Primary, or either when both are
-//! Secondary), so the marked regions copy in the right direction. Each range is locked
+//! Secondary), so the marked regions copy in the right direction. A verify run from a
+//! Secondary ends when the peer becomes Primary (`abort_verify`). Each range is locked
 //! on both sides while it is hashed, in the replication stream's order: a client write
 //! to it waits on the verifying side, and on the peer the request is ordered after every
 //! earlier write to the range — so a difference found is a real one, not a write that
@@ -270,8 +271,30 @@ impl Engine {
         self.pump();
     }
 
+    /// Ends our verify early (the peer became Primary, see `peer_state`): its ranges
+    /// are released at once, digests still being computed are ignored when they
+    /// arrive, and so are the replies of requests already sent. The status shows it
+    /// interrupted.
+    pub(super) fn abort_verify(&mut self) {
+        let Some(conn) = self.link.as_mut() else {
+            return;
+        };
+        let Some(verify) = conn.verify.take() else {
+            return;
+        };
+        conn.verify_abandoned.extend(verify.by_seq.keys().copied());
+        self.verify_link_lost(Some(verify));
+    }
+
     /// The peer's digests for one of our requests.
     pub(super) fn verify_reply(&mut self, seq: u64, digests: Vec<Digest>) {
+        if self
+            .link
+            .as_mut()
+            .is_some_and(|c| c.verify_abandoned.remove(&seq))
+        {
+            return;
+        }
         let key = self
             .link
             .as_mut()

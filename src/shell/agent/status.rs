@@ -462,7 +462,7 @@ fn render_mirror(m: &MirrorStatus, peer_name: &str) -> String {
             )
         } else if v.verified_bytes < v.total_bytes {
             format!(
-                "INTERRUPTED after {} of {} (the link went down): {found}",
+                "INTERRUPTED after {} of {} (the link went down, or the peer became active): {found}",
                 human_bytes(v.verified_bytes),
                 human_bytes(v.total_bytes)
             )
