@@ -656,3 +656,37 @@ fn a_verify_on_a_secondary_ends_when_the_peer_becomes_primary() {
     assert!(!verify.running);
     assert_eq!(p.nodes[1].link_state(), Some("connected"));
 }
+
+#[test]
+fn a_rebuild_keeps_the_targets_own_dirty_bits() {
+    // M3: an on-demand rebuild copies the source's dirty regions only (the target's
+    // bitmap is not exchanged), yet the target cleared all its bits at the finish:
+    // regions its own verify had found different were forgotten, though never copied.
+    let mut p = Pair::synced();
+    p.nodes[1].differs.insert(5);
+    p.nodes[1]
+        .engine
+        .start_verify()
+        .expect("in sync, both Secondary");
+    p.settle();
+    p.nodes[1].differs.clear();
+    p.nodes[0].differs.insert(9);
+    p.nodes[0]
+        .engine
+        .start_verify()
+        .expect("in sync, both Secondary");
+    p.settle();
+    assert!(p.nodes[1].dirty(5 * REGION) && !p.nodes[1].dirty(9 * REGION));
+    assert!(p.nodes[0].dirty(9 * REGION) && !p.nodes[0].dirty(5 * REGION));
+    p.nodes[0]
+        .engine
+        .start_differential_rebuild()
+        .expect("dirty, both Secondary");
+    p.settle();
+    for node in &p.nodes {
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
+    assert!(!p.nodes[0].dirty(9 * REGION), "copied");
+    assert!(p.nodes[1].dirty(5 * REGION), "never copied: still dirty");
+}

@@ -174,6 +174,9 @@ enum TargetStage {
 struct TargetState {
     full: bool,
     stage: TargetStage,
+    /// Regions resync data was applied to: at the finish, only these bits are cleared
+    /// (an on-demand rebuild copies the source's dirty regions, not ours).
+    received: RoaringBitmap,
 }
 
 /// Where the source side of a resync is.
@@ -800,6 +803,7 @@ impl Engine {
         conn.target = Some(TargetState {
             full,
             stage: TargetStage::AwaitingStart,
+            received: RoaringBitmap::new(),
         });
         self.connect_problem = None;
         self.meta.set_mode(Mode::Connected, &[]);
@@ -915,8 +919,26 @@ impl Engine {
         }
         let source = self.conn().peer.generations;
         let role = self.role();
-        let data_bytes = self.meta.layout().data_bytes;
-        self.meta.mark_clean(&[meta::ByteRange::new(0, data_bytes)]);
+        // What was copied is in sync now. Our own bits outside it stay: at a connect
+        // the source copies the union of both journals (so nothing stays), but an
+        // on-demand rebuild copies only its own dirty regions.
+        let layout = *self.meta.layout();
+        let granularity = u64::from(layout.granularity_bytes);
+        let received = std::mem::take(
+            &mut self
+                .conn()
+                .target
+                .as_mut()
+                .expect("checked")
+                .received,
+        );
+        let copied: Vec<meta::ByteRange> = runs(&received)
+            .map(|(start, end)| {
+                let offset = start * granularity;
+                meta::ByteRange::new(offset, (end * granularity).min(layout.data_bytes) - offset)
+            })
+            .collect();
+        self.meta.mark_clean(&copied);
         let mut result = Ok(());
         let ticket = self.meta.update_superblock(|s| {
             result = generations::finish_resync_as_target(
@@ -1255,7 +1277,15 @@ impl Engine {
         }
         let seq = apply.seq;
         match (apply.kind, apply.result) {
-            (ApplyKind::Resync, Ok(())) => self.send(PeerMsg::ResyncAck { seq }, None),
+            (ApplyKind::Resync, Ok(())) => {
+                let granularity = u64::from(self.meta.layout().granularity_bytes);
+                if let Some(target) = self.link.as_mut().and_then(|c| c.target.as_mut()) {
+                    let first = apply.range.start() / granularity;
+                    let end = apply.range.end().div_ceil(granularity);
+                    target.received.insert_range(first as u32..end as u32);
+                }
+                self.send(PeerMsg::ResyncAck { seq }, None)
+            }
             (_, Ok(())) => self.send(PeerMsg::Ack { seq }, None),
             (_, Err(errno)) => self.send(
                 PeerMsg::Nack {
