@@ -505,7 +505,7 @@ impl Engine {
         request.local_done = true;
         match request.op.modification() {
             None => self.reply(req, result),
-            Some((_, fua)) => {
+            Some((range, fua)) => {
                 if let Err(errno) = result {
                     self.stats.errors += 1;
                     request.error = Some(errno);
@@ -516,9 +516,12 @@ impl Engine {
                 self.meta.handle_write_done(WriteId(req.0), everywhere);
                 self.maybe_complete(req);
                 if let Err(errno) = result {
-                    // The peer may hold this write and we do not: the replicas would
-                    // differ where no journal says so unless this disk stops here (DRBD
-                    // detaches on a local write error for the same reason).
+                    // The peer may hold this write and we do not: the range is marked
+                    // dirty (the write's activity-log pin, never released since a failed
+                    // write is never synced, also keeps its extent hot; this does not
+                    // rely on that), and this disk stops here (DRBD detaches on a local
+                    // write error for the same reason).
+                    self.meta.mark_dirty(&[meta_range(range)]);
                     self.fail_with(format!(
                         "local write failed ({errno:?}): the disk is failed"
                     ));

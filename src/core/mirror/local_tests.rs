@@ -319,3 +319,20 @@ fn every_request_gets_exactly_one_reply() {
     }
     assert_eq!(h.engine.stats().requests_in_flight, 0);
 }
+
+#[test]
+fn a_failed_local_write_marks_its_range_dirty() {
+    // M4: a local write error fails the disk, but nothing recorded that this range may
+    // differ from the peer's: only the write's activity-log pin, never released because
+    // the failed write is never synced, kept its extent hot (and so dirty after a
+    // restart). A refactor releasing that pin would have reopened a silent divergence.
+    let mut h = Harness::new(64);
+    let w = h.client(write(8 * MIB, 4096));
+    let (id, _, _) = h.disk.remove(0);
+    h.engine.handle_disk_done(id, Err(Errno::Io));
+    h.run();
+    assert_eq!(h.reply_of(w), Some(Err(Errno::Io)));
+    assert!(h.engine.failure().is_some());
+    let region = (8 * MIB / 4096) as u32;
+    assert!(h.engine.meta().dirty_bitmap().contains(region));
+}
