@@ -1053,7 +1053,13 @@ impl Engine {
         // down without deactivating comes back with them (generation rule 40/41).
         // A pending `resolve --discard-local` is cancelled by any activation: it gave up
         // the changes made before, never the writes this node is about to acknowledge.
-        if self.meta.superblock().state.flags.contains(Flags::DISCARD_LOCAL) {
+        if self
+            .meta
+            .superblock()
+            .state
+            .flags
+            .contains(Flags::DISCARD_LOCAL)
+        {
             self.connect_problem = None;
         }
         let ticket = self.meta.update_superblock(|s| {

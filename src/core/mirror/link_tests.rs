@@ -638,7 +638,10 @@ fn a_verify_on_a_secondary_ends_when_the_peer_becomes_primary() {
         // The activation waits for node 2's confirmation: let its request get there.
         p.deliver(0);
     }
-    p.nodes[1].engine.start_verify().expect("in sync, both Secondary");
+    p.nodes[1]
+        .engine
+        .start_verify()
+        .expect("in sync, both Secondary");
     p.nodes[1].drain(true);
     // Whatever the activation needs from node 2 (States), not its verify requests.
     while matches!(p.nodes[1].outbox.front(), Some(PeerMsg::State(_))) {

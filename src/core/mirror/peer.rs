@@ -924,14 +924,7 @@ impl Engine {
         // on-demand rebuild copies only its own dirty regions.
         let layout = *self.meta.layout();
         let granularity = u64::from(layout.granularity_bytes);
-        let received = std::mem::take(
-            &mut self
-                .conn()
-                .target
-                .as_mut()
-                .expect("checked")
-                .received,
-        );
+        let received = std::mem::take(&mut self.conn().target.as_mut().expect("checked").received);
         let copied: Vec<meta::ByteRange> = runs(&received)
             .map(|(start, end)| {
                 let offset = start * granularity;
