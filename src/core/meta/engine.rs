@@ -729,13 +729,23 @@ impl MetaEngine {
         for id in self.deferred.iter() {
             self.writes.get_mut(id).expect("tracked").class = Class::Broken;
         }
-        // Writes already acknowledgeable but not yet yielded wait for the barrier too;
-        // converted writes are re-yielded when their new bits are durable.
-        let queued: Vec<WriteId> = self
+        // Writes already acknowledgeable wait for the barrier too, and are yielded again
+        // once it is durable: the caller forgets earlier yields at a switch to Broken.
+        // That includes writes yielded already and still tracked (a Broken-class write
+        // whose data write has not completed, from an earlier break): without a second
+        // yield the caller would never acknowledge them (found by the two-node
+        // simulation). Converted writes are re-yielded when their new bits are durable.
+        let mut queued: Vec<WriteId> = self
             .ackable
             .drain(..)
             .chain(self.ack_held.drain(..))
             .collect();
+        queued.extend(
+            self.writes
+                .iter()
+                .filter(|(_, w)| w.ack == Ack::Yielded)
+                .map(|(id, _)| *id),
+        );
         for id in queued {
             let w = self.writes.get_mut(&id).expect("tracked");
             if w.ack != Ack::NotYet {
@@ -744,6 +754,17 @@ impl MetaEngine {
             }
         }
         self.ack_barrier = self.ack_barrier.max(barrier);
+        // Nothing new may have been logged (every region already durably dirty, e.g.
+        // during a resync): then no journal write completes to release what waits on
+        // already-durable tickets or on the barrier, so release it now (found by the
+        // two-node simulation).
+        self.journal_progress();
+    }
+
+    /// Whether `id` is tracked: started and not yet forgotten (forgotten once done,
+    /// yielded, and no longer pinning extents or waiting for journal bits).
+    pub fn is_tracked(&self, id: WriteId) -> bool {
+        self.writes.contains_key(&id)
     }
 
     /// Marks regions dirty (e.g. a negative ack from the peer). Partial regions count.
@@ -1151,6 +1172,51 @@ mod tests {
         );
         assert_eq!(e.stats().dirty_regions, 4);
         e.handle_write_done(WriteId(2), false);
+        assert_eq!(e.stats().writes_tracked, 0);
+    }
+
+    #[test]
+    fn switch_to_broken_re_yields_a_write_whose_bits_are_already_durable() {
+        // Regression (two-node simulation): a connected write to regions already durably
+        // dirty (e.g. during a resync) logs nothing new at the switch, so no journal
+        // write completes to re-yield it; it must be re-yielded at once.
+        let (mut e, mut disk) = engine();
+        e.set_mode(Mode::Broken, &[]);
+        e.handle_write_start(WriteId(1), ByteRange::new(0, 4096));
+        drive_io(&mut e, &mut disk);
+        assert_eq!(e.poll_ready(), Some(WriteId(1)));
+        assert_eq!(e.poll_ackable(), Some(WriteId(1)));
+        e.handle_write_done(WriteId(1), false);
+        e.set_mode(Mode::Connected, &[]);
+        e.handle_write_start(WriteId(2), ByteRange::new(0, 4096));
+        drive_io(&mut e, &mut disk);
+        assert_eq!(e.poll_ready(), Some(WriteId(2)));
+        assert_eq!(e.poll_ackable(), Some(WriteId(2)));
+        e.set_mode(Mode::Broken, &[ByteRange::new(0, 4096)]);
+        assert_eq!(e.poll_io(), None, "nothing new to log");
+        drive_io(&mut e, &mut disk);
+        assert_eq!(e.poll_ackable(), Some(WriteId(2)), "re-yielded");
+        e.handle_write_done(WriteId(2), false);
+        assert_eq!(e.stats().writes_tracked, 0);
+    }
+
+    #[test]
+    fn switch_to_broken_re_yields_a_yielded_broken_write_still_in_flight() {
+        // Regression (two-node simulation): a write admitted in an earlier break, yielded,
+        // its data write still running across a reconnect and the next link loss. The
+        // caller forgets earlier yields at a switch to Broken, so it must come again.
+        let (mut e, mut disk) = engine();
+        e.set_mode(Mode::Broken, &[]);
+        e.handle_write_start(WriteId(1), ByteRange::new(0, 4096));
+        drive_io(&mut e, &mut disk);
+        assert_eq!(e.poll_ready(), Some(WriteId(1)));
+        assert_eq!(e.poll_ackable(), Some(WriteId(1)));
+        e.set_mode(Mode::Connected, &[]);
+        e.set_mode(Mode::Broken, &[ByteRange::new(1 << 20, 4096)]);
+        assert_eq!(e.poll_ackable(), None, "waits for the transfer-log bits");
+        drive_io(&mut e, &mut disk);
+        assert_eq!(e.poll_ackable(), Some(WriteId(1)), "re-yielded");
+        e.handle_write_done(WriteId(1), false);
         assert_eq!(e.stats().writes_tracked, 0);
     }
 

@@ -375,6 +375,10 @@ impl Harness {
                         }
                     } else if w.connected {
                         w.connected = false;
+                    } else if w.acked && !w.done {
+                        // Yielded in an earlier break, still in flight: yielded again
+                        // once the barrier is durable.
+                        w.acked = false;
                     }
                 }
                 for r in to_must {
