@@ -152,8 +152,12 @@ pub(super) enum DiskPurpose {
     Sync,
     /// A write received from the peer (apply id).
     Apply(u64),
-    /// A flush the peer asked for (its seq).
-    PeerFlush(u64),
+    /// A flush the peer asked for: the connection's epoch and the flush's seq (its
+    /// FlushAck belongs to that connection only).
+    PeerFlush {
+        epoch: u64,
+        seq: u64,
+    },
     /// A resync read on the sync source (resync op key).
     ResyncRead(u64),
     /// Digests for our own verify (verify op key).
@@ -174,11 +178,25 @@ pub(super) struct SyncPoint {
     pub(super) covers: Vec<WriteId>,
     pub(super) flushes: Vec<ReqId>,
     pub(super) result: Result<(), Errno>,
+    /// Resync ranges the peer's half made durable on the target: their bits are cleared
+    /// once our half is durable too (a copied region may hold a write of ours still in
+    /// our volatile cache; clearing its bit before that let a crash of this node lose
+    /// the write while the target kept it, the disks differing where no journal says
+    /// so; found by the two-node simulation).
+    pub(super) resync_clean: Vec<meta::ByteRange>,
 }
 
 /// A pending role change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RoleChange {
+    /// A connected activation waiting for the peer to confirm, over the live link, that
+    /// it is neither Primary nor becoming it (our State with intent Primary is sent; the
+    /// peer's next State decides). Without it a node whose link had silently died took
+    /// its stale "peer is Secondary" for the truth while the peer, having dropped the
+    /// link, acknowledged writes it lacks (found by the two-node simulation).
+    Confirming {
+        since_ms: u64,
+    },
     Activate(SuperblockTicket),
     Deactivate(Option<SuperblockTicket>),
 }
@@ -349,7 +367,10 @@ impl Engine {
             disk_state: self.disk_state,
             role: state.role,
             flags,
-            intent: state.role,
+            intent: match self.role_change {
+                Some(RoleChange::Confirming { .. }) => Role::Primary,
+                _ => state.role,
+            },
             dirty_bytes: meta::engine::dirty_bytes(self.meta.dirty_bitmap(), self.meta.layout()),
         }
     }
@@ -488,7 +509,7 @@ impl Engine {
             DiskPurpose::Sync => self.sync_local_done(id, result),
             DiskPurpose::Request(req) => self.request_disk_done(req, result),
             DiskPurpose::Apply(apply) => self.apply_disk_done(apply, result),
-            DiskPurpose::PeerFlush(seq) => self.peer_flush_done(seq, result),
+            DiskPurpose::PeerFlush { epoch, seq } => self.peer_flush_done(epoch, seq, result),
             DiskPurpose::ResyncRead(key) => self.resync_read_done(key, result),
             DiskPurpose::Digest(_) | DiskPurpose::DigestServe(_) | DiskPurpose::DigestOrphan => {
                 panic!("digest ops complete through handle_digests")
@@ -770,6 +791,7 @@ impl Engine {
             covers: std::mem::take(&mut self.unsynced),
             flushes: std::mem::take(&mut self.flush_waiters),
             result: Ok(()),
+            resync_clean: Vec::new(),
         });
         self.last_sync_ms = self.now_ms;
         self.stats.sync_points += 1;
@@ -808,6 +830,9 @@ impl Engine {
             Ok(()) => {
                 for write in sync.covers {
                     self.meta.handle_write_durable(write);
+                }
+                if !sync.resync_clean.is_empty() {
+                    self.meta.mark_clean(&sync.resync_clean);
                 }
                 for flush in sync.flushes {
                     self.reply(flush, Ok(()));
@@ -1034,12 +1059,23 @@ impl Engine {
             if peer.role == Role::Primary {
                 return Err("the peer is active (Primary); deactivate it first".into());
             }
+            if peer.intent == Role::Primary {
+                return Err("the peer is being activated".into());
+            }
             if self.disk_state != DiskState::UpToDate {
                 return Err(format!(
                     "the disk is {:?}, not UpToDate: wait for the resync to finish",
                     self.disk_state
                 ));
             }
+            // The peer as last heard of may be stale (a link that died silently): the
+            // role is written only once the peer confirms over the link.
+            self.role_change = Some(RoleChange::Confirming {
+                since_ms: self.now_ms,
+            });
+            self.send_state();
+            self.pump();
+            return Ok(());
         } else if !forced {
             let state = self.disk_state;
             return Err(format!(
@@ -1049,6 +1085,14 @@ impl Engine {
         } else if self.disk_state == DiskState::Inconsistent {
             return Err("the disk is Inconsistent (a resync target that did not finish): refusing even forced activation".into());
         }
+        self.commit_activation(forced, random);
+        Ok(())
+    }
+
+    /// Writes the new role (and, `forced` while disconnected, the forced generation);
+    /// `Action::RoleChanged` follows once it is durable.
+    pub(super) fn commit_activation(&mut self, forced: bool, random: u64) {
+        let connected = self.link.as_ref().is_some_and(|c| c.is_replicating());
         // WAS_PRIMARY and CRASHED_PRIMARY are "set while Primary": a node that goes
         // down without deactivating comes back with them (generation rule 40/41).
         // A pending `resolve --discard-local` is cancelled by any activation: it gave up
@@ -1078,7 +1122,18 @@ impl Engine {
         }
         self.role_change = Some(RoleChange::Activate(ticket));
         self.pump();
-        Ok(())
+    }
+
+    /// A connected activation ends without a new role: the peer refused it or the link
+    /// went away before it confirmed.
+    pub(super) fn abort_activation(&mut self, why: &str) {
+        if let Some(RoleChange::Confirming { .. }) = self.role_change {
+            self.role_change = None;
+            self.actions.push_back(Action::RoleChanged {
+                result: Err(format!("activation not confirmed by the peer: {why}")),
+            });
+            self.send_state();
+        }
     }
 
     /// Makes this disk inactive (Secondary). The shell has already stopped the export
@@ -1101,8 +1156,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Once no sync point is outstanding, the new role is written.
+    /// Once no sync point is outstanding and every answered write is covered by a
+    /// completed one, the new role is written. A sync point already in flight when
+    /// `deactivate` was called covers only the writes answered before it started: the
+    /// rest need one more (found by the two-node simulation: writes answered meanwhile
+    /// were lost in a power cut after a completed deactivation).
     pub(super) fn finish_deactivate_if_synced(&mut self) {
+        if self.role_change == Some(RoleChange::Deactivate(None))
+            && self.sync.is_none()
+            && !self.unsynced.is_empty()
+        {
+            self.maybe_start_sync(true);
+        }
         if self.role_change == Some(RoleChange::Deactivate(None)) && self.sync.is_none() {
             // A clean demotion: the marks that only hold while Primary go.
             let ticket = self.meta.update_superblock(|s| {

@@ -601,10 +601,22 @@ fn rule_bitmap(local: &NodeView, peer: &NodeView) -> Option<(Rule, Outcome)> {
 
 /// y started a resync as source (its base B, its bitmap generation or its current, went
 /// into history and its bitmap generation became S derived from B) but x never received
-/// S and still holds B. y's journal still covers everything since B: differential.
+/// S. Before that start x was behind y by rule 50/70 (x still holds B as its current) or
+/// by rule 52/72 (x took y's previous resync, whose finish y missed, then y wrote: x has
+/// no bitmap generation and its history is y's history, B first). y's journal still
+/// covers everything since B: differential. The second form was found by the two-node
+/// simulation (a missed finish, writes, then a missed start read as a split brain).
 fn rule_missed_start(local: &NodeView, peer: &NodeView) -> Option<(Rule, Outcome)> {
     fn behind(x: &NodeView, y: &NodeView) -> bool {
-        x.current() == y.history(0) && derived_from(y.bitmap(), y.history(0))
+        if !derived_from(y.bitmap(), y.history(0)) {
+            return false;
+        }
+        let held_base = x.current() == y.history(0);
+        let took_previous = x.bitmap() == GENERATION_NONE
+            && x.history(0) == y.history(0)
+            && x.history(1) == y.history(1)
+            && x.current() != y.current();
+        held_base || took_previous
     }
     let rules = (Rule::SyncTargetMissedStart, Rule::SyncSourceMissedStart);
     directional(local, peer, behind, rules, false)
@@ -1150,6 +1162,12 @@ mod tests {
         r52_peer_missed_finish_then_wrote:
             l(C, 0, S, B), p(N, S, B, X)
             => LocalBehind { full: false }, SyncTargetPeerMissedFinishThenWrote, false;
+        r51_missed_start_after_a_missed_finish_then_wrote:
+            l(C, 0, S, B), p(N, S.wrapping_add(SYNC_GENERATION_STEP), S, B)
+            => LocalBehind { full: false }, SyncTargetMissedStart, false;
+        r51_after_a_missed_finish_not_if_the_target_wrote_too:
+            l(A1, C, S, B).with(Flags::FORCED), p(N, S.wrapping_add(SYNC_GENERATION_STEP), S, B)
+            => SplitBrain { resolve_full: true }, HistoryBoth, false;
         r60_history_peer_means_full:
             l(B, 0, X, 0), p(C, 0, S, B)
             => LocalBehind { full: true }, HistoryPeer, false;

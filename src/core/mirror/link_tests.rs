@@ -392,7 +392,8 @@ fn a_primary_never_becomes_a_resync_target() {
         .activate(false, 12)
         .expect("UpToDate, peer Secondary");
     p.settle();
-    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    // A connected activation waits for the peer's confirmation, held with its sends.
+    assert_eq!(p.nodes[0].engine.role(), Role::Secondary);
     p.nodes[1].hold_sends = false;
     p.settle();
     assert_eq!(p.nodes[0].engine.role(), Role::Primary);
@@ -692,4 +693,125 @@ fn a_rebuild_keeps_the_targets_own_dirty_bits() {
     }
     assert!(!p.nodes[0].dirty(9 * REGION), "copied");
     assert!(p.nodes[1].dirty(5 * REGION), "never copied: still dirty");
+}
+
+#[test]
+fn a_flush_from_an_earlier_connection_is_not_acknowledged_on_the_next() {
+    // Found by the two-node simulation: the secondary completed a peer FLUSH received on
+    // a connection lost meanwhile and sent its FlushAck on the new connection, where the
+    // same seq names another flush (or none: the primary dropped the link as a protocol
+    // violation).
+    let mut p = Pair::synced_with_primary();
+    let w = p.client(0, write(0, 4096));
+    assert_eq!(p.nodes[0].reply_of(w), Some(Ok(())));
+    p.nodes[1].hold_disk = true;
+    p.client(0, ClientOp::Flush);
+    let flushes: Vec<DiskOpId> = p.nodes[1]
+        .disk
+        .iter()
+        .filter(|(_, op)| *op == ClientOp::Flush)
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(flushes.len(), 1, "the peer flush is in flight");
+    p.nodes[1].disk.retain(|(_, op)| *op != ClientOp::Flush);
+    p.cut();
+    p.connect();
+    assert!(p.nodes[1].link_state().is_some());
+    p.nodes[1].engine.handle_disk_done(flushes[0], Ok(()));
+    p.nodes[1].drain(true);
+    assert!(
+        !p.nodes[1]
+            .outbox
+            .iter()
+            .any(|m| matches!(m, PeerMsg::FlushAck { .. })),
+        "FlushAck of an earlier connection's flush: {:?}",
+        p.nodes[1].outbox
+    );
+    p.nodes[1].hold_disk = false;
+    p.settle();
+    assert!(p.nodes.iter().all(|n| n.dropped.is_empty()));
+}
+
+#[test]
+fn activation_waits_for_the_peer_to_confirm_over_the_link() {
+    // Found by the two-node simulation: a node whose link had died silently (nothing
+    // arrived from the peer any more) activated on its stale "the peer is Secondary",
+    // while the peer had dropped the link, become the one the application used, and
+    // acknowledged writes this node lacked. A connected activation now needs the peer's
+    // answer over the live link.
+    let mut p = Pair::synced();
+    p.nodes[1].hold_sends = true;
+    p.nodes[0]
+        .engine
+        .activate(false, 12)
+        .expect("UpToDate, peer Secondary as last heard of");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Secondary, "no answer yet");
+    assert!(p.nodes[0].role_changes.is_empty());
+    p.advance(PEER_TIMEOUT_MS + 1);
+    assert_eq!(p.nodes[0].dropped.len(), 1, "{:?}", p.nodes[0].dropped);
+    p.cut();
+    assert_eq!(p.nodes[0].engine.role(), Role::Secondary);
+    assert!(matches!(p.nodes[0].role_changes[..], [Err(_)]));
+    // Over a live link the peer's answer lets it through.
+    p.nodes[1].hold_sends = false;
+    p.connect();
+    p.nodes[0].engine.activate(false, 13).expect("connected");
+    p.settle();
+    assert_eq!(p.nodes[0].engine.role(), Role::Primary);
+    assert!(matches!(p.nodes[0].role_changes[..], [Err(_), Ok(())]));
+}
+
+#[test]
+fn an_empty_resync_finishes_on_both_sides_in_order() {
+    // Found by the two-node simulation, from the rule-34 state (the source missed the
+    // finish of the previous resync, same current on both sides, nothing dirty):
+    // - the target got ResyncDone (nothing to copy) while its adoption of the sync
+    //   generation was not durable yet and dropped the link as a protocol violation;
+    // - the source took the target's State from before the start (same current, no
+    //   resync mark) for the target's finish and recorded its own while the target had
+    //   not finished.
+    let mut p = Pair::new();
+    const C: u64 = 0x0C0C_0C0C_0C0C_0C0C;
+    const B: u64 = 0x0B0B_0B0B_0B0B_0B0B;
+    const X: u64 = 0x1111_1111_1111_1111;
+    let s = B.wrapping_add(1 << 48);
+    let gens = [(C, s, [B, X]), (C, 0, [s, B])];
+    for (node, (current, bitmap, history)) in p.nodes.iter_mut().zip(gens) {
+        node.engine.meta.update_superblock(|st| {
+            st.generations = crate::core::meta::Generations {
+                current,
+                bitmap,
+                history,
+            };
+            st.disk_state = DiskState::UpToDate;
+        });
+    }
+    p.settle();
+    p.link_up();
+    p.deliver_one(1); // node 2's bitmap: node 1 decides (rule 34, it is the source)
+    p.nodes[1].hold_sends = true;
+    p.nodes[1].hold_meta = true;
+    p.settle();
+    assert!(p.nodes[1].dropped.is_empty(), "{:?}", p.nodes[1].dropped);
+    assert_eq!(p.nodes[0].link_state(), Some("sync-source"));
+    // The target's State from before its start reaches the source only now.
+    p.nodes[1].hold_sends = false;
+    p.settle();
+    assert_eq!(
+        p.nodes[0].link_state(),
+        Some("sync-source"),
+        "not finished yet"
+    );
+    p.nodes[1].release_meta(true);
+    p.settle();
+    for node in &p.nodes {
+        assert!(node.dropped.is_empty(), "{:?}", node.dropped);
+        assert_eq!(node.link_state(), Some("connected"));
+        assert_eq!(node.engine.disk_state(), DiskState::UpToDate);
+    }
+    assert_eq!(
+        p.nodes[0].engine.generations(),
+        p.nodes[1].engine.generations()
+    );
 }

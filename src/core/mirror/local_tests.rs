@@ -16,6 +16,7 @@ struct Harness {
     area: Vec<u8>,
     disk: Vec<(DiskOpId, Option<DataRef>, DiskOp)>,
     replies: Vec<(ReqId, Result<(), Errno>)>,
+    role_changes: Vec<Result<(), String>>,
     fail_meta: bool,
 }
 
@@ -36,6 +37,7 @@ impl Harness {
             area,
             disk: Vec::new(),
             replies: Vec::new(),
+            role_changes: Vec::new(),
             fail_meta: false,
         };
         h.run();
@@ -59,6 +61,7 @@ impl Harness {
                 }
                 Action::Disk { id, data, op } => self.disk.push((id, data, op)),
                 Action::Reply { req, result } => self.replies.push((req, result)),
+                Action::RoleChanged { result } => self.role_changes.push(result),
                 other => panic!("no peer here, yet {other:?}"),
             }
         }
@@ -318,6 +321,47 @@ fn every_request_gets_exactly_one_reply() {
         assert_eq!(count, 1, "request {id:?}");
     }
     assert_eq!(h.engine.stats().requests_in_flight, 0);
+}
+
+#[test]
+fn deactivate_flushes_writes_answered_while_a_sync_point_was_in_flight() {
+    // Regression (two-node simulation): `deactivate` while a sync point was in flight
+    // wrote the new role as soon as that one completed, though it did not cover writes
+    // answered after it started; a power cut then lost them after a "clean" demotion.
+    let mut h = Harness::new(64);
+    // A disk that was once in sync (a new one is Inconsistent and never activates).
+    h.engine
+        .meta
+        .update_superblock(|s| s.disk_state = crate::core::meta::DiskState::Consistent);
+    h.engine.disk_state = crate::core::meta::DiskState::Consistent;
+    h.run();
+    h.engine.activate(true, 42).unwrap();
+    h.run();
+    assert_eq!(h.role_changes, vec![Ok(())]);
+    let a = h.client(write(0, 4096));
+    h.complete_disk();
+    assert_eq!(h.reply_of(a), Some(Ok(())));
+    h.engine.handle_timeout(1000);
+    h.run();
+    assert_eq!(h.disk.len(), 1, "the periodic sync point covering a");
+    let (first_sync, _, _) = h.disk.remove(0);
+    let b = h.client(write(MIB, 4096));
+    h.complete_disk();
+    assert_eq!(
+        h.reply_of(b),
+        Some(Ok(())),
+        "answered after the sync point started"
+    );
+    h.engine.deactivate().unwrap();
+    h.run();
+    h.engine.handle_disk_done(first_sync, Ok(()));
+    h.run();
+    assert_eq!(h.role_changes.len(), 1, "b is not durable yet: no new role");
+    assert_eq!(h.disk.len(), 1, "a second sync point for b");
+    assert_eq!(h.disk[0].2, ClientOp::Flush);
+    h.complete_disk();
+    assert_eq!(h.role_changes, vec![Ok(()), Ok(())]);
+    assert!(!h.engine.is_active());
 }
 
 #[test]

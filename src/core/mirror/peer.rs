@@ -17,7 +17,7 @@ use crate::core::nbd::wire::Errno;
 use crate::core::overlap::{Acquire, ByteRange};
 use crate::core::repl::wire::NodeState;
 
-use super::engine::{DiskPurpose, Engine, SplitBrainPolicy};
+use super::engine::{DiskPurpose, Engine, RoleChange, SplitBrainPolicy};
 use super::generations::{self, Decision, NodeView, Outcome, Resync, Side};
 use super::types::{Action, ClientOp, DataRef, PeerDataId, PeerMsg, ReqId, ResyncBufId};
 use super::verify::VerifySource;
@@ -177,6 +177,9 @@ struct TargetState {
     /// Regions resync data was applied to: at the finish, only these bits are cleared
     /// (an on-demand rebuild copies the source's dirty regions, not ours).
     received: RoaringBitmap,
+    /// ResyncDone arrived while the sync generation was still being made durable: the
+    /// finish runs once it is (`TargetStage::Marking`).
+    done_pending: bool,
 }
 
 /// Where the source side of a resync is.
@@ -278,6 +281,23 @@ impl Engine {
     }
 
     pub(super) fn send_state(&mut self) {
+        // A resync source says nothing between its decision and its sync generation
+        // being durable: a State then would name a bitmap generation the target might
+        // adopt as the sync generation, or a sync generation a crash could still undo.
+        // The State sent when the start is durable carries everything that changed.
+        let starting = self
+            .link
+            .as_ref()
+            .and_then(|c| c.resync.as_ref())
+            .is_some_and(|r| {
+                matches!(
+                    r.stage,
+                    SourceStage::MarkingDirty(_) | SourceStage::Starting(_)
+                )
+            });
+        if starting {
+            return;
+        }
         let state = self.node_state();
         self.send(PeerMsg::State(state), None);
     }
@@ -438,6 +458,7 @@ impl Engine {
         let Some(conn) = self.link.take() else {
             return;
         };
+        self.abort_activation("the connection was lost");
         self.stats.link_losses += 1;
         let was_replicating = conn.phase == ConnPhase::Replicating;
         if self.role() == Role::Primary {
@@ -446,10 +467,14 @@ impl Engine {
             let unacked: Vec<meta::ByteRange> =
                 conn.tlog.values().map(|r| meta_range(*r)).collect();
             self.meta.set_mode(Mode::Broken, &unacked);
-            // The metadata engine re-yields every tracked write once its bits (and the
-            // transfer log's) are durable; an earlier "ackable" no longer counts.
-            for request in self.requests.values_mut() {
-                if request.op.modification().is_some() {
+            // The metadata engine re-yields every write it still tracks once its bits
+            // (and the transfer log's) are durable; an earlier "ackable" of those no
+            // longer counts. A write it no longer tracks (its data write is done and its
+            // own bits were durable already: admitted in a break, sent once the link
+            // came up) is not yielded again, so its "ackable" stands; resetting it left
+            // the request unanswered forever (found by the two-node simulation).
+            for (req, request) in self.requests.iter_mut() {
+                if request.op.modification().is_some() && self.meta.is_tracked(WriteId(req.0)) {
                     request.ackable = false;
                 }
             }
@@ -463,6 +488,14 @@ impl Engine {
             }
         } else if self.disk_state == DiskState::UpToDate {
             // Cut off from the primary, we cannot know we are up to date any more.
+            self.disk_state = DiskState::Consistent;
+        } else if self.disk_state == DiskState::Inconsistent
+            && self.meta.superblock().state.disk_state != DiskState::Inconsistent
+        {
+            // A resync target that never adopted the sync generation (nothing was
+            // applied), or whose finish is written: the disk is whole again. Staying
+            // Inconsistent in memory kept it so for good, since an in-sync connect never
+            // lifts that (found by the two-node simulation).
             self.disk_state = DiskState::Consistent;
         }
         self.link_lost_cleanup(conn);
@@ -492,6 +525,12 @@ impl Engine {
             if apply.locked {
                 self.release_lock(id);
             }
+        }
+        // Resync bits waiting for our half of the sync point stay set: the switch to
+        // Broken has just marked the writes in flight dirty, some in those very regions,
+        // and a late clear would erase their bits.
+        if let Some(sync) = self.sync.as_mut() {
+            sync.resync_clean.clear();
         }
         self.sync_peer_done(None);
         if let Some(resync) = conn.resync {
@@ -804,14 +843,18 @@ impl Engine {
             full,
             stage: TargetStage::AwaitingStart,
             received: RoaringBitmap::new(),
+            done_pending: false,
         });
         self.connect_problem = None;
         self.meta.set_mode(Mode::Connected, &[]);
         self.disk_state = DiskState::Inconsistent;
         self.send_state();
-        // The source may already have announced its sync generation.
-        let peer = self.conn().peer;
-        self.maybe_adopt_sync_generation(&peer);
+        // The sync generation comes in a State the source sends after this decision,
+        // once it is durable there. The State we decided from (the handshake's) names
+        // the source's bitmap generation from before the start, not a sync generation:
+        // adopting it made a target whose current the source then undid or left behind
+        // (unrelated after a crash, or a refused finish; found by the two-node
+        // simulation). Callers deciding on a fresh State adopt from that one.
     }
 
     /// Target: the source's State names a new sync generation (its bitmap generation,
@@ -855,6 +898,7 @@ impl Engine {
         let before = conn.peer;
         conn.peer = state;
         let phase = conn.phase;
+        self.activation_handshake(&before, &state);
         if state.role == Role::Primary && self.role() == Role::Primary {
             self.connect_problem = Some("both nodes are active (Primary)".into());
             self.drop_link("both nodes are Primary".into());
@@ -872,6 +916,8 @@ impl Engine {
                 // The operator chose a source on the other node: follow the rules again.
                 let decision = generations::decide(&self.local_view(), &self.peer_view(&state));
                 self.act_on(decision, RoaringBitmap::new());
+                // That State may be the source's announcement of its sync generation.
+                self.maybe_adopt_sync_generation(&state);
             }
             ConnPhase::Replicating => {
                 let ours = self.generations().current;
@@ -889,11 +935,16 @@ impl Engine {
                     return;
                 }
                 // A source that was in sync with us started a resync (after a verify):
-                // its State names a sync generation over the current we share.
+                // its State names a new sync generation over the current we share. New:
+                // not the one its previous State named already, which is the resync we
+                // just finished, named again by a State the source sent before it
+                // recorded its own finish (taking that for a new start left us a target
+                // forever; found by the two-node simulation).
                 if idle
                     && state.generations.current == ours
                     && sync != meta::generation::GENERATION_NONE
                     && sync != ours
+                    && sync != before.generations.bitmap
                 {
                     self.start_target(false);
                 }
@@ -901,6 +952,25 @@ impl Engine {
                 self.maybe_finish_source(&state);
             }
             _ => {}
+        }
+    }
+
+    /// Connected activation (`RoleChange::Confirming`): the peer's first State after our
+    /// intent decides: it is Secondary and not becoming Primary, so the role is written;
+    /// otherwise the activation is refused. A peer that announces the intent gets our
+    /// State in answer (which refuses it if we are, or are becoming, Primary).
+    fn activation_handshake(&mut self, before: &NodeState, state: &NodeState) {
+        if let Some(RoleChange::Confirming { .. }) = self.role_change {
+            if state.role == Role::Primary || state.intent == Role::Primary {
+                self.abort_activation("the peer is active or being activated");
+            } else {
+                self.role_change = None;
+                self.commit_activation(false, 0);
+            }
+            return;
+        }
+        if state.intent == Role::Primary && before.intent != Role::Primary {
+            self.send_state();
         }
     }
 
@@ -913,6 +983,14 @@ impl Engine {
             self.drop_link("protocol violation: ResyncDone without a resync".into());
             return;
         };
+        if let TargetStage::Marking(_) = target.stage {
+            // Nothing to copy (an empty union of journals): the source sends ResyncDone
+            // right after the State naming its sync generation, and our adoption of it
+            // may not be durable yet. Finish once it is (found by the two-node
+            // simulation: this was dropped as a protocol violation, forever).
+            self.conn().target.as_mut().expect("checked").done_pending = true;
+            return;
+        }
         if target.stage != TargetStage::Applying {
             self.drop_link("protocol violation: ResyncDone before the resync started".into());
             return;
@@ -962,8 +1040,15 @@ impl Engine {
         let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) else {
             return;
         };
+        // The target's finish names our sync generation as its newest history. A State
+        // with our current and no resync mark is not enough: when the copy started from
+        // a current we already shared (rules 34 to 40), the target's State from before
+        // it adopted the sync generation looks just like that, and taking it for the
+        // finish recorded ours while the target never finished (found by the two-node
+        // simulation).
         if resync.stage != SourceStage::DoneSent
             || target.generations.current != ours.current
+            || target.generations.history[0] != ours.bitmap
             || target.flags.contains(Flags::RESYNC_IN_PROGRESS)
         {
             return;
@@ -1003,11 +1088,16 @@ impl Engine {
         {
             match stage {
                 TargetStage::Marking(ticket) if self.meta.superblock_durable(ticket) => {
-                    self.conn().target.as_mut().expect("live").stage = TargetStage::Applying;
+                    let target = self.conn().target.as_mut().expect("live");
+                    target.stage = TargetStage::Applying;
+                    let done_pending = std::mem::take(&mut target.done_pending);
                     for id in std::mem::take(&mut self.held_applies) {
                         self.apply_locked(id);
                     }
                     self.send_state();
+                    if done_pending {
+                        self.finish_target();
+                    }
                     progress = true;
                 }
                 TargetStage::Finishing(ticket) if self.meta.superblock_durable(ticket) => {
@@ -1046,8 +1136,8 @@ impl Engine {
                 }
                 SourceStage::Starting(ticket) if self.meta.superblock_durable(ticket) => {
                     // The State carrying the sync generation precedes every ResyncData.
-                    self.send_state();
                     self.conn().resync.as_mut().expect("live").stage = SourceStage::Walking;
+                    self.send_state();
                     progress = true;
                 }
                 SourceStage::Finishing(ticket) if self.meta.superblock_durable(ticket) => {
@@ -1084,8 +1174,12 @@ impl Engine {
                 }
             }
         }
-        if !clean.is_empty() {
-            self.meta.mark_clean(&clean);
+        // Cleared when the whole sync point completes (`SyncPoint::resync_clean`): our
+        // local flush must have made our copy of those regions durable too. Every peer
+        // flush belongs to the sync point in flight; if not, the bits stay dirty and the
+        // next pass copies those regions again.
+        if let Some(sync) = self.sync.as_mut().filter(|s| s.peer_seq == Some(seq)) {
+            sync.resync_clean.extend(clean);
         }
         self.sync_peer_done(Some(seq));
     }
@@ -1101,7 +1195,11 @@ impl Engine {
             .resync
             .as_ref()
             .and_then(|r| r.sent.values().map(|(_, at)| *at).min());
-        let stalled = [oldest_write, oldest_flush, oldest_resync]
+        let confirming = match self.role_change {
+            Some(RoleChange::Confirming { since_ms }) => Some(since_ms),
+            _ => None,
+        };
+        let stalled = [oldest_write, oldest_flush, oldest_resync, confirming]
             .into_iter()
             .flatten()
             .any(|at| at < deadline);
@@ -1309,17 +1407,26 @@ impl Engine {
             conn.flushes_waiting.pop_front();
             let covers = std::mem::take(&mut conn.applied_unflushed);
             conn.flush_covers.insert(seq, covers);
-            self.issue(DiskPurpose::PeerFlush(seq), None, ClientOp::Flush);
+            let epoch = conn.epoch;
+            self.issue(DiskPurpose::PeerFlush { epoch, seq }, None, ClientOp::Flush);
         }
     }
 
-    pub(super) fn peer_flush_done(&mut self, seq: u64, result: Result<(), Errno>) {
-        let covers = self
-            .link
-            .as_mut()
-            .and_then(|c| c.flush_covers.remove(&seq))
-            .unwrap_or_default();
+    pub(super) fn peer_flush_done(&mut self, epoch: u64, seq: u64, result: Result<(), Errno>) {
+        // A flush asked for on an earlier connection: its covers went to `unsynced` when
+        // that connection was lost, and its FlushAck must not reach the current one,
+        // where the same seq names a different flush (found by the two-node simulation).
+        let same_link = self.link.as_ref().is_some_and(|c| c.epoch == epoch);
+        let covers = if same_link {
+            self.link
+                .as_mut()
+                .and_then(|c| c.flush_covers.remove(&seq))
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         match result {
+            Ok(()) if !same_link => {}
             Ok(()) => {
                 for id in covers {
                     self.meta.handle_write_durable(WriteId(id));
