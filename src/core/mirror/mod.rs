@@ -25,3 +25,5 @@ pub use types::{
 mod link_tests;
 #[cfg(test)]
 mod local_tests;
+#[cfg(test)]
+mod sim;
