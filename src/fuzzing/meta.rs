@@ -265,7 +265,11 @@ pub fn seed_corpus() -> Vec<(&'static str, String, Vec<u8>)> {
     input.extend_from_slice(&((slots - 1) as u16).to_le_bytes());
     input.extend_from_slice(&999u16.to_le_bytes());
     input.extend_from_slice(&record);
-    seeds.push(("meta_activity_log", "record_four_extents".to_string(), input));
+    seeds.push((
+        "meta_activity_log",
+        "record_four_extents".to_string(),
+        input,
+    ));
     let header = snapshot::header_for(3, 17, 1 << 20, 4096, 1, &bm);
     seeds.push((
         "meta_snapshot",
