@@ -64,30 +64,8 @@ truncate -s 160M "$S/alpha.img" "$S/beta.img"
 "$MIRRORCTL" create "$S/alpha.img" --mirror db --node 1 --peer 2 --blank >/dev/null
 "$MIRRORCTL" create "$S/beta.img" --mirror db --node 2 --peer 1 --blank >/dev/null
 
-declare -A PIDS=()
-start_agent() { # NODE
-	echo "==== start $1" >>"$T/server-$1.log"
-	"$MIRRORDISK" agent --config "$T/cluster.toml" --node "$1" </dev/null >>"$T/server-$1.log" 2>&1 &
-	PIDS[$1]=$!
-	track_pid "${PIDS[$1]}"
-	wait_until 10 "$MIRRORCTL" status --socket "$T/$1.sock" >/dev/null 2>&1 ||
-		fail "agent $1 did not answer within 10 s"
-}
-stop_agent() { # NODE: SIGTERM, exit 0
-	local rc=0
-	kill -TERM "${PIDS[$1]}"
-	wait "${PIDS[$1]}" || rc=$?
-	check_eq "agent $1 exit status after SIGTERM" "$rc" 0
-}
-jget() { # NODE EXPR (Python on m)
-	"$MIRRORCTL" status --json --socket "$T/$1.sock" |
-		"$PYTHON" -c "import json,sys; m=json.load(sys.stdin)['mirrors'][0]; print($2)"
-}
-wait_for() { # NODE EXPR WANT TIMEOUT_S
-	wait_until "$4" bash -c "[ \"\$(\"$MIRRORCTL\" status --json --socket '$T/$1.sock' | \"$PYTHON\" -c \"import json,sys; m=json.load(sys.stdin)['mirrors'][0]; print($2)\")\" = '$3' ]" ||
-		fail "$1: $2 did not become '$3' within $4 s (now: $(jget "$1" "$2"))"
-	pass "$1: $2 = $3"
-}
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
 acked_count() { grep -c '^A ' "$1" 2>/dev/null || true; }
 wait_acked() { # LOG COUNT
 	wait_until 60 bash -c "n=\$(grep -c '^A ' '$1' 2>/dev/null); [ \"\${n:-0}\" -ge $2 ]" ||

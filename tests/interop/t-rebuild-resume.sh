@@ -78,30 +78,8 @@ truncate -s $((DATA_MIB + 64))M "$S/alpha.img" "$S/beta.img"
 OFF=$("$MIRRORCTL" inspect "$S/alpha.img" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["layout"]["data_offset"])')
 dd if=/dev/urandom of="$S/alpha.img" bs=1M count="$DATA_MIB" seek="$OFF" oflag=seek_bytes conv=notrunc status=none
 
-declare -A PIDS=()
-start_agent() { # NODE
-	echo "==== start $1" >>"$T/server-$1.log"
-	"$MIRRORDISK" agent --config "$T/cluster.toml" --node "$1" </dev/null >>"$T/server-$1.log" 2>&1 &
-	PIDS[$1]=$!
-	track_pid "${PIDS[$1]}"
-	wait_until 10 "$MIRRORCTL" status --socket "$T/$1.sock" >/dev/null 2>&1 ||
-		fail "agent $1 did not answer within 10 s"
-}
-stop_agent() { # NODE: SIGTERM, exit 0
-	local rc=0
-	kill -TERM "${PIDS[$1]}"
-	wait "${PIDS[$1]}" || rc=$?
-	check_eq "agent $1 exit status after SIGTERM" "$rc" 0
-}
-jget() { # NODE EXPR (Python on m)
-	"$MIRRORCTL" status --json --socket "$T/$1.sock" |
-		"$PYTHON" -c "import json,sys; m=json.load(sys.stdin)['mirrors'][0]; print($2)"
-}
-wait_for() { # NODE EXPR WANT TIMEOUT_S
-	wait_until "$4" bash -c "[ \"\$(\"$MIRRORCTL\" status --json --socket '$T/$1.sock' | \"$PYTHON\" -c \"import json,sys; m=json.load(sys.stdin)['mirrors'][0]; print($2)\")\" = '$3' ]" ||
-		fail "$1: $2 did not become '$3' within $4 s (now: $(jget "$1" "$2"))"
-	pass "$1: $2 = $3"
-}
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
 sent() { jget alpha "m['engine_stats']['resync_bytes_sent']"; }
 
 # ---- 1. both new; the full copy from alpha starts.
