@@ -11,7 +11,9 @@
 //! among those that overlap (a later request never overtakes an earlier overlapping one),
 //! while non-overlapping requests proceed independently.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 /// A half-open byte range `[start, end)`; never empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +75,7 @@ pub struct RangeLocks {
     /// Active ranges keyed by start. Disjoint, so their ends are sorted too.
     active: BTreeMap<u64, (u64, u64)>,
     /// Request id -> its active range start, for release.
-    active_by_id: HashMap<u64, u64>,
+    active_by_id: FxHashMap<u64, u64>,
     /// Requests waiting for an overlapping one to finish, in arrival order.
     waiting: VecDeque<(u64, ByteRange)>,
 }
@@ -162,6 +164,7 @@ impl RangeLocks {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     fn r(start: u64, length: u64) -> ByteRange {
         ByteRange::new(start, length).unwrap()

@@ -8,7 +8,9 @@
 //! they are queued and fed to the engine by one draining loop, never re-entrantly.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::rc::{Rc, Weak};
 use std::time::Instant;
 
@@ -58,9 +60,9 @@ pub struct MirrorExport {
     /// Offset of the CLUSTER partition on the metadata device.
     meta_base: u64,
     engine: RefCell<Engine>,
-    requests: RefCell<HashMap<ReqId, Pending>>,
+    requests: RefCell<FxHashMap<ReqId, Pending>>,
     /// Disk op id -> the request whose buffer it uses.
-    disk_ops: RefCell<HashMap<u64, Option<ReqId>>>,
+    disk_ops: RefCell<FxHashMap<u64, Option<ReqId>>>,
     events: RefCell<VecDeque<Event>>,
     draining: Cell<bool>,
     started: Instant,
@@ -84,8 +86,8 @@ impl MirrorExport {
             meta_ring: RefCell::new(meta_ring),
             meta_base,
             engine: RefCell::new(engine),
-            requests: RefCell::new(HashMap::new()),
-            disk_ops: RefCell::new(HashMap::new()),
+            requests: RefCell::new(FxHashMap::default()),
+            disk_ops: RefCell::new(FxHashMap::default()),
             events: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
             started: Instant::now(),

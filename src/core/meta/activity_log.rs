@@ -14,7 +14,9 @@
 //! only after the previous one is durable — otherwise a torn record n+1 over slot
 //! (n-1) while record n is not yet durable would leave no valid record.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
 
 use super::codec::{get_u32, get_u64, is_zero, put_u32, put_u64, seal, sealed_ok};
 use super::{META_BLOCK_BYTES, round_up};
@@ -189,10 +191,10 @@ pub struct ActivityLog {
     /// Content of the newest durable record.
     durable: BTreeSet<u32>,
     /// The newest record built (in flight or durable), with last-use ticks for LRU.
-    current: HashMap<u32, u64>,
+    current: FxHashMap<u32, u64>,
     in_flight: Option<InFlight>,
     /// Writes in progress per extent; a pinned extent is never evicted.
-    pins: HashMap<u32, u32>,
+    pins: FxHashMap<u32, u32>,
     tick: u64,
     next_sequence: u64,
     /// Slot the next record goes to (the one not holding the newest valid record).
@@ -221,7 +223,7 @@ impl ActivityLog {
             durable: record.extents.iter().copied().collect(),
             current: record.extents.iter().map(|&e| (e, 0)).collect(),
             in_flight: None,
-            pins: HashMap::new(),
+            pins: FxHashMap::default(),
             tick: 1,
             next_sequence: record.sequence + 1,
             next_slot: 1 - slot,

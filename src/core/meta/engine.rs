@@ -20,7 +20,9 @@
 //! - Switch to Broken: every range the peer has not durably acknowledged, and every
 //!   write still tracked, is logged dirty; nothing is acknowledged until that is durable.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::ops::RangeInclusive;
 
 use roaring::RoaringBitmap;
@@ -281,7 +283,7 @@ pub struct MetaEngine {
     ackable: VecDeque<WriteId>,
     out: VecDeque<MetaIo>,
     next_io_id: u64,
-    writes_in_flight: HashMap<MetaIoId, Purpose>,
+    writes_in_flight: FxHashMap<MetaIoId, Purpose>,
     completed_unflushed: Vec<Purpose>,
     flush_in_flight: Option<(MetaIoId, Vec<Purpose>)>,
     flushes: u64,
@@ -380,7 +382,7 @@ impl MetaEngine {
             ackable: VecDeque::new(),
             out: VecDeque::new(),
             next_io_id: 1,
-            writes_in_flight: HashMap::new(),
+            writes_in_flight: FxHashMap::default(),
             completed_unflushed: Vec::new(),
             flush_in_flight: None,
             flushes: 0,

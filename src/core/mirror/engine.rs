@@ -24,7 +24,9 @@
 //! side of replication (applying, flush coverage) is in `apply.rs`; connection set-up,
 //! the bitmap exchange and resync are in `peer.rs`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use crate::core::meta::{
     self, DiskState, Flags, Gate, Generations, IoError, MetaEngine, MetaError, MetaIoId, Mode,
@@ -207,11 +209,11 @@ pub struct Engine {
     pub(super) config: EngineConfig,
     pub(super) meta: MetaEngine,
     pub(super) locks: RangeLocks,
-    pub(super) requests: HashMap<ReqId, Request>,
+    pub(super) requests: FxHashMap<ReqId, Request>,
     pub(super) next_req: u64,
     pub(super) next_disk_op: u64,
     pub(super) next_internal_id: u64,
-    pub(super) disk_ops: HashMap<DiskOpId, DiskPurpose>,
+    pub(super) disk_ops: FxHashMap<DiskOpId, DiskPurpose>,
     pub(super) actions: VecDeque<Action>,
     /// Writes answered but not yet covered by a completed sync point.
     pub(super) unsynced: Vec<WriteId>,
@@ -238,7 +240,7 @@ pub struct Engine {
     pub(super) connect_problem: Option<String>,
     pub(super) role_change: Option<RoleChange>,
     /// Verify requests from the peer being served (id -> request).
-    pub(super) verify_serving: HashMap<u64, ServeVerify>,
+    pub(super) verify_serving: FxHashMap<u64, ServeVerify>,
     /// The outcome of the last verify, once it ended.
     pub(super) last_verify: Option<VerifyStatus>,
     /// What to do when the generation rules find a split brain.
@@ -248,7 +250,7 @@ pub struct Engine {
     pub(super) shutting_down: bool,
     pub(super) cooled: bool,
     /// Writes received from the peer, from arrival to their answer (apply id -> apply).
-    pub(super) applies: HashMap<u64, Apply>,
+    pub(super) applies: FxHashMap<u64, Apply>,
     /// Applies waiting for the resync-target marking to become durable.
     pub(super) held_applies: VecDeque<u64>,
     /// Resync reads whose connection went away while they read: release on completion.
@@ -281,11 +283,11 @@ impl Engine {
             config,
             meta,
             locks: RangeLocks::new(),
-            requests: HashMap::new(),
+            requests: FxHashMap::default(),
             next_req: 0,
             next_disk_op: 0,
             next_internal_id: INTERNAL_ID_BASE,
-            disk_ops: HashMap::new(),
+            disk_ops: FxHashMap::default(),
             actions: VecDeque::new(),
             unsynced: Vec::new(),
             sync: None,
@@ -302,12 +304,12 @@ impl Engine {
             peer_last: None,
             connect_problem: None,
             role_change: None,
-            verify_serving: HashMap::new(),
+            verify_serving: FxHashMap::default(),
             last_verify: None,
             split_brain_policy: SplitBrainPolicy::Disconnect,
             shutting_down: false,
             cooled: false,
-            applies: HashMap::new(),
+            applies: FxHashMap::default(),
             held_applies: VecDeque::new(),
             orphaned_resync_reads: BTreeSet::new(),
             orphaned_resync_locks: BTreeSet::new(),

@@ -7,7 +7,9 @@
 //! writes) which is also always the sync source. A primary that the generation rules
 //! find *behind* its peer refuses the connection instead.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use roaring::RoaringBitmap;
 
@@ -94,7 +96,7 @@ pub(super) struct Conn {
     /// Secondary: completed app-write applies not yet covered by a local flush.
     applied_unflushed: Vec<u64>,
     /// Secondary: app-write applies covered by each local flush in flight.
-    flush_covers: HashMap<u64, Vec<u64>>,
+    flush_covers: FxHashMap<u64, Vec<u64>>,
     pub(super) resync: Option<ResyncSource>,
     /// Target: set while a resync towards us runs.
     target: Option<TargetState>,
@@ -126,7 +128,7 @@ impl Conn {
             applying: BTreeSet::new(),
             flushes_waiting: VecDeque::new(),
             applied_unflushed: Vec::new(),
-            flush_covers: HashMap::new(),
+            flush_covers: FxHashMap::default(),
             resync: None,
             target: None,
             verify: None,
@@ -219,8 +221,12 @@ pub(super) struct ResyncSource {
     ops: BTreeMap<u64, ResyncOp>,
     /// Sent, waiting for ResyncAck (seq -> range, sent at).
     sent: BTreeMap<u64, (ByteRange, u64)>,
+    /// Bytes of `ops` and `sent` (kept as a sum: the pump reads it at every event).
+    in_flight_bytes: u64,
     /// Acknowledged, waiting for a peer flush before their bits are cleared.
     acked: Vec<ByteRange>,
+    /// Bytes of `acked`.
+    acked_bytes: u64,
     /// Cleared when the flush with this seq is acknowledged.
     flushing: BTreeMap<u64, Vec<ByteRange>>,
     pub(super) total_bytes: u64,
@@ -370,6 +376,7 @@ impl Engine {
             && !resync.acked.is_empty()
         {
             let acked = std::mem::take(&mut resync.acked);
+            resync.acked_bytes = 0;
             resync.flushing.insert(seq, acked);
         }
         self.send(PeerMsg::Flush { seq }, None);
@@ -810,7 +817,9 @@ impl Engine {
             cursor: 0,
             ops: BTreeMap::new(),
             sent: BTreeMap::new(),
+            in_flight_bytes: 0,
             acked: Vec::new(),
+            acked_bytes: 0,
             flushing: BTreeMap::new(),
             total_bytes: 0,
             done_bytes: 0,
@@ -1194,7 +1203,8 @@ impl Engine {
         let oldest_resync = conn
             .resync
             .as_ref()
-            .and_then(|r| r.sent.values().map(|(_, at)| *at).min());
+            // Sequence numbers grow with time: the lowest was sent first.
+            .and_then(|r| r.sent.first_key_value().map(|(_, (_, at))| *at));
         let confirming = match self.role_change {
             Some(RoleChange::Confirming { since_ms }) => Some(since_ms),
             _ => None,
@@ -1491,8 +1501,7 @@ impl Engine {
         } else {
             RESYNC_IN_FLIGHT_IDLE
         };
-        let mut in_flight_bytes: u64 = resync.ops.values().map(|op| op.range.length()).sum::<u64>()
-            + resync.sent.values().map(|(r, _)| r.length()).sum::<u64>();
+        let mut in_flight_bytes = resync.in_flight_bytes;
         let mut progress = false;
         let bitmap = self.meta.dirty_bitmap();
         let mut starts: Vec<ByteRange> = Vec::new();
@@ -1538,6 +1547,7 @@ impl Engine {
                 .as_mut()
                 .and_then(|c| c.resync.as_mut())
                 .expect("checked above");
+            resync.in_flight_bytes += range.length();
             resync.ops.insert(
                 key,
                 ResyncOp {
@@ -1587,6 +1597,9 @@ impl Engine {
             return;
         };
         if let Err(errno) = result {
+            if let Some(resync) = self.link.as_mut().and_then(|c| c.resync.as_mut()) {
+                resync.in_flight_bytes -= op.range.length();
+            }
             self.actions.push_back(Action::Release(buf));
             self.release_lock(key);
             self.fail_with(format!(
@@ -1623,10 +1636,11 @@ impl Engine {
         };
         match resync.sent.remove(&seq) {
             Some((range, _)) => {
+                resync.in_flight_bytes -= range.length();
                 resync.done_bytes += range.length();
                 resync.acked.push(range);
-                let unflushed: u64 = resync.acked.iter().map(|r| r.length()).sum();
-                if unflushed >= RESYNC_CLEAN_BATCH_BYTES {
+                resync.acked_bytes += range.length();
+                if resync.acked_bytes >= RESYNC_CLEAN_BATCH_BYTES {
                     self.maybe_start_sync(false);
                 }
             }
@@ -1652,6 +1666,10 @@ impl Engine {
         {
             return false;
         }
+        assert_eq!(
+            resync.in_flight_bytes, 0,
+            "resync in-flight bytes out of step"
+        );
         if !resync.acked.is_empty() || !resync.flushing.is_empty() {
             if sync_idle && !resync.acked.is_empty() {
                 self.maybe_start_sync(false);

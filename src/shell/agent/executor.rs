@@ -22,7 +22,9 @@
 //! whether it owns the buffer alone.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::ops::Range;
 use std::rc::{Rc, Weak};
 
@@ -128,15 +130,15 @@ pub struct Executor {
     meta_ring: RefCell<Ring>,
     engine: RefCell<Engine>,
     clock: Clock,
-    requests: RefCell<HashMap<ReqId, Pending>>,
-    disk_ops: RefCell<HashMap<u64, Owner>>,
+    requests: RefCell<FxHashMap<ReqId, Pending>>,
+    disk_ops: RefCell<FxHashMap<u64, Owner>>,
     /// Disk actions of the current drain pass, submitted when the engine is quiet.
     deferred: RefCell<Vec<(DiskOpId, Option<DataRef>, DiskOp)>>,
     /// Payloads received from the peer, until a disk op takes them (or `Release`).
-    peer_data: RefCell<HashMap<u64, Buf>>,
+    peer_data: RefCell<FxHashMap<u64, Buf>>,
     next_peer_data: Cell<u64>,
     /// Resync reads' data, from the read's completion to its `Send` (or `Release`).
-    resync_bufs: RefCell<HashMap<u64, ReadData>>,
+    resync_bufs: RefCell<FxHashMap<u64, ReadData>>,
     events: RefCell<VecDeque<Event>>,
     draining: Cell<bool>,
     /// The established replication connection the engine is linked to.
@@ -177,12 +179,12 @@ impl Executor {
             meta_ring: RefCell::new(meta_ring),
             engine: RefCell::new(engine),
             clock,
-            requests: RefCell::new(HashMap::new()),
-            disk_ops: RefCell::new(HashMap::new()),
+            requests: RefCell::new(FxHashMap::default()),
+            disk_ops: RefCell::new(FxHashMap::default()),
             deferred: RefCell::new(Vec::new()),
-            peer_data: RefCell::new(HashMap::new()),
+            peer_data: RefCell::new(FxHashMap::default()),
             next_peer_data: Cell::new(0),
-            resync_bufs: RefCell::new(HashMap::new()),
+            resync_bufs: RefCell::new(FxHashMap::default()),
             events: RefCell::new(VecDeque::new()),
             draining: Cell::new(false),
             link: RefCell::new(None),
