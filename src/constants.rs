@@ -56,3 +56,16 @@ pub const NBD_SOCKET_READ_BYTES: usize = 256 * KIB as usize;
 /// Entries in the io_uring submission queue. Covers NBD_QUEUE_DEPTH_MAX for a few
 /// connections per batch; completions beyond it wait in the kernel's overflow list.
 pub const URING_ENTRIES: u32 = 512;
+
+/// Reads and writes up to this size on a memory-backed file (tmpfs) are done
+/// inline with preadv2/pwritev2 on the data-plane thread instead of through io_uring.
+/// Such a file has no non-blocking path, so io_uring hands every read and write to an
+/// io-wq worker thread; for a small transfer the hop (a wake-up, two context switches,
+/// the worker's bookkeeping) costs more CPU than the copy itself: a differential rebuild
+/// of scattered 4 KiB regions on tmpfs took 25-27 ms inline against 29-31 ms through the
+/// workers (bench/rebuild-bench.sh, Linux 6.18). A 64 KiB copy takes a few microseconds,
+/// which the thread can afford; larger transfers still go to a worker, which copies on
+/// another CPU while this thread serves the network. Block devices and O_DIRECT files
+/// on disk filesystems always use the ring: there io_uring issues inline by itself and
+/// the device completes the I/O asynchronously.
+pub const INLINE_IO_BYTES_MAX: usize = 64 * KIB as usize;

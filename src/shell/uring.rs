@@ -23,18 +23,25 @@
 //! worker, as tmpfs serialises them on the inode lock anyway). ext4 O_DIRECT needs no
 //! worker (issued inline, completed by the device interrupt); ext4 buffered reads
 //! complete inline, buffered writes go to a worker.
+//!
+//! Inline transfers: on a memory-backed file (tmpfs) a read or write of at most
+//! `INLINE_IO_BYTES_MAX` bytes is not given to the ring at all: `submit` performs it with
+//! preadv2/pwritev2 (a memory copy; it cannot wait for a device) and its completion is
+//! reported by the next `drain`, exactly as if the kernel had completed it during the
+//! submit. Everything else about an operation (slots, short transfers, retries, drop)
+//! is the same on both paths.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
 
-use crate::constants::URING_ENTRIES;
+use crate::constants::{INLINE_IO_BYTES_MAX, URING_ENTRIES};
 use crate::shell::buffers::Buf;
 
 /// One disk operation. Read and Write own their buffer until it comes back in the
@@ -229,6 +236,15 @@ fn check_opcodes(is_supported: impl Fn(u8) -> bool) -> Result<(), RingError> {
     }
 }
 
+/// Whether a ring may perform small transfers inline (module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InlineIo {
+    /// Inline when the file is memory-backed (tmpfs).
+    Auto,
+    /// Always through io_uring (tests of the ring itself).
+    Never,
+}
+
 /// The disk ring. Single-threaded; see the module comment for the setup flags.
 pub struct Ring {
     ring: IoUring,
@@ -246,6 +262,10 @@ pub struct Ring {
     awaited: Option<Completion>,
     /// Set on drop: operations are no longer resubmitted.
     closing: bool,
+    /// Our own descriptor of the backing when small transfers are done inline.
+    inline_fd: Option<OwnedFd>,
+    /// Slots whose (remaining) transfer `submit` performs inline, in push order.
+    inline_queue: Vec<u32>,
 }
 
 impl fmt::Debug for Ring {
@@ -254,15 +274,26 @@ impl fmt::Debug for Ring {
             .field("fd", &self.ring.as_raw_fd())
             .field("in_flight_count", &self.in_flight_count)
             .field("backlog_len", &self.backlog.len())
+            .field("inline", &self.inline_fd.is_some())
             .finish()
     }
 }
 
 impl Ring {
     /// Creates the ring (`URING_ENTRIES` SQEs), registers `fd` as fixed file 0 and
-    /// probes every opcode in `OPCODES_REQUIRED`. `fd` must stay a valid descriptor
+    /// probes every opcode in `OPCODES_REQUIRED`; small transfers are inline when the
+    /// file is memory-backed ([`InlineIo::Auto`]). `fd` must stay a valid descriptor
     /// until this returns; afterwards the ring holds its own reference to the file.
     pub fn new(fd: RawFd) -> Result<Ring, RingError> {
+        Ring::with_inline(fd, InlineIo::Auto)
+    }
+
+    /// [`Ring::new`] with the inline choice made by the caller.
+    pub fn with_inline(fd: RawFd, inline: InlineIo) -> Result<Ring, RingError> {
+        let inline_fd = match inline {
+            InlineIo::Auto => inline_descriptor(fd).map_err(RingError::Setup)?,
+            InlineIo::Never => None,
+        };
         let ring = build_ring()?;
         if !ring.params().is_feature_nodrop() {
             return Err(RingError::FeatureUnsupported("NODROP"));
@@ -286,6 +317,8 @@ impl Ring {
             awaited_slot: None,
             awaited: None,
             closing: false,
+            inline_fd,
+            inline_queue: Vec::new(),
         })
     }
 
@@ -297,11 +330,13 @@ impl Ring {
         self.push_slot(op, token);
     }
 
-    /// Hands everything queued to the kernel in one io_uring_enter; returns how many SQEs
-    /// it took. A no-op without a system call when nothing is queued. EINTR is retried.
-    /// On EBUSY/EAGAIN (the kernel is short of resources) the entries stay queued: drain
-    /// completions and submit again.
+    /// Performs the queued inline transfers (their completions wait for `drain`), then
+    /// hands everything else queued to the kernel in one io_uring_enter; returns how many
+    /// SQEs it took. A no-op without a system call when nothing is queued. EINTR is
+    /// retried. On EBUSY/EAGAIN (the kernel is short of resources) the entries stay
+    /// queued: drain completions and submit again.
     pub fn submit(&mut self) -> io::Result<usize> {
+        self.run_inline();
         let mut submitted_count = 0;
         loop {
             self.refill_from_backlog();
@@ -351,6 +386,7 @@ impl Ring {
         let slot = self.push_slot(op, RUN_TO_COMPLETION_TOKEN);
         self.awaited_slot = Some(slot);
         loop {
+            self.run_inline();
             let mut others = std::mem::take(&mut self.stash);
             self.reap(&mut others);
             self.stash = others;
@@ -405,12 +441,25 @@ impl Ring {
         slot
     }
 
-    /// Builds the SQE for the (remaining part of the) operation in `slot` and queues it.
+    /// Builds the SQE for the (remaining part of the) operation in `slot` and queues it,
+    /// or queues it for an inline transfer.
     fn queue_slot(&mut self, slot: u32) {
         let in_flight = self.slots[slot as usize]
             .as_mut()
             .expect("queued slot is busy");
         let done = in_flight.progress.done_bytes;
+        if self.inline_fd.is_some() {
+            let transfer = match &in_flight.op {
+                Op::Read { range, .. }
+                | Op::Write { range, .. }
+                | Op::WriteShared { range, .. } => Some(range.len()),
+                Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => None,
+            };
+            if transfer.is_some_and(|len| len - done as usize <= INLINE_IO_BYTES_MAX) {
+                self.inline_queue.push(slot);
+                return;
+            }
+        }
         let entry = match &mut in_flight.op {
             Op::Read { offset, buf, range } => {
                 let remaining = &mut buf[range.start + done as usize..range.end];
@@ -460,6 +509,76 @@ impl Ring {
                 .build(),
         };
         self.queue(entry.user_data(u64::from(slot)));
+    }
+
+    /// Performs every queued inline transfer, in order, and files its completion for
+    /// `drain` (a short transfer queues its remainder, performed in the same call).
+    fn run_inline(&mut self) {
+        while !self.inline_queue.is_empty() {
+            let slots = std::mem::take(&mut self.inline_queue);
+            let mut done = std::mem::take(&mut self.stash);
+            for slot in slots {
+                let res = self.transfer_inline(slot);
+                self.handle_cqe(u64::from(slot), res, &mut done);
+            }
+            self.stash = done;
+        }
+    }
+
+    /// One preadv2/pwritev2 for the remaining part of the transfer in `slot`, returning
+    /// what a CQE would: bytes transferred or a negative errno.
+    fn transfer_inline(&mut self, slot: u32) -> i32 {
+        let fd = self
+            .inline_fd
+            .as_ref()
+            .expect("inline transfers need the inline descriptor")
+            .as_raw_fd();
+        let in_flight = self.slots[slot as usize]
+            .as_mut()
+            .expect("queued slot is busy");
+        let done = in_flight.progress.done_bytes as usize;
+        let transferred = match &mut in_flight.op {
+            Op::Read { offset, buf, range } => {
+                let remaining = &mut buf[range.start + done..range.end];
+                let iov = libc::iovec {
+                    iov_base: remaining.as_mut_ptr().cast(),
+                    iov_len: remaining.len(),
+                };
+                let at = (*offset + done as u64) as libc::off_t;
+                // SAFETY: `iov` describes `remaining`, memory of the slot's Buf that this
+                // call exclusively borrows for its duration; `fd` is our open descriptor.
+                unsafe { libc::preadv2(fd, &iov, 1, at, 0) }
+            }
+            Op::Write {
+                offset,
+                buf,
+                range,
+                fua,
+            } => {
+                let remaining = &buf[range.start + done..range.end];
+                write_inline(fd, remaining, *offset + done as u64, *fua)
+            }
+            Op::WriteShared {
+                offset,
+                buf,
+                range,
+                fua,
+            } => {
+                let remaining = &buf[range.start + done..range.end];
+                write_inline(fd, remaining, *offset + done as u64, *fua)
+            }
+            Op::Fsync | Op::Fallocate { .. } | Op::Fadvise { .. } => {
+                unreachable!("only reads and writes are done inline")
+            }
+        };
+        if transferred < 0 {
+            -io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)
+        } else {
+            // At most INLINE_IO_BYTES_MAX, so it fits.
+            transferred as i32
+        }
     }
 
     fn queue(&mut self, entry: squeue::Entry) {
@@ -588,6 +707,15 @@ impl Drop for Ring {
             return;
         }
         self.closing = true;
+        // Inline transfers not yet performed touch no buffer: report them cancelled.
+        let mut discarded = Vec::new();
+        for slot in std::mem::take(&mut self.inline_queue) {
+            self.handle_cqe(u64::from(slot), -libc::ECANCELED, &mut discarded);
+        }
+        discarded.clear();
+        if self.in_flight_count == 0 {
+            return;
+        }
         // Queued behind everything else, so it reaches the kernel after every operation
         // it may cancel. Operations that are already running (block I/O) just finish.
         let cancel = opcode::AsyncCancel2::new(types::CancelBuilder::any())
@@ -610,6 +738,37 @@ impl Drop for Ring {
             discarded.clear();
         }
     }
+}
+
+/// pwritev2 of `data` at `offset`, with RWF_DSYNC for FUA; the raw return value.
+fn write_inline(fd: RawFd, data: &[u8], offset: u64, fua: bool) -> isize {
+    let iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+    // SAFETY: `iov` describes `data`, which the kernel only reads during the call; `fd`
+    // is our open descriptor.
+    unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, flags) }
+}
+
+/// A descriptor of our own for inline transfers when `fd` is a file on a memory-backed
+/// filesystem (tmpfs), `None` otherwise.
+fn inline_descriptor(fd: RawFd) -> io::Result<Option<OwnedFd>> {
+    // SAFETY: the caller guarantees `fd` is open for the duration of `Ring::new`.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let statfs = nix::sys::statfs::fstatfs(borrowed)?;
+    let kind = statfs.filesystem_type();
+    if kind != nix::sys::statfs::TMPFS_MAGIC {
+        return Ok(None);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on an open descriptor; no memory is involved.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if duplicate < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `duplicate` is a descriptor fcntl just opened for us and nothing else owns.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(duplicate) }))
 }
 
 fn build_ring() -> Result<IoUring, RingError> {
@@ -822,11 +981,13 @@ mod tests {
 
     // ---- against the kernel ----
 
-    fn round_trip(dir: &Path, direct: bool) {
+    /// 4 KiB and 64 KiB transfers (inline on tmpfs with `InlineIo::Auto`) mixed with a
+    /// 1 MiB one (always the ring).
+    fn round_trip(dir: &Path, direct: bool, inline: InlineIo) {
         let temp = TempFile::new(dir, "rt", 4 * MIB as u64);
         let file = temp.open(direct);
         let pool = BufferPool::new(8 * MIB);
-        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        let mut ring = Ring::with_inline(file.as_raw_fd(), inline).unwrap();
         let writes: [(u64, usize, u8, bool); 4] = [
             (0, 4 * KIB, 0x11, false),
             (8 * KIB as u64, 64 * KIB, 0x22, true),
@@ -858,22 +1019,115 @@ mod tests {
 
     #[test]
     fn round_trip_ext4_direct() {
-        round_trip(&std::env::temp_dir(), true);
+        round_trip(&std::env::temp_dir(), true, InlineIo::Auto);
     }
 
     #[test]
     fn round_trip_ext4_buffered() {
-        round_trip(&std::env::temp_dir(), false);
+        round_trip(&std::env::temp_dir(), false, InlineIo::Auto);
     }
 
     #[test]
     fn round_trip_tmpfs_direct() {
-        round_trip(Path::new("/dev/shm"), true);
+        round_trip(Path::new("/dev/shm"), true, InlineIo::Auto);
+        round_trip(Path::new("/dev/shm"), true, InlineIo::Never);
     }
 
     #[test]
     fn round_trip_tmpfs_buffered() {
-        round_trip(Path::new("/dev/shm"), false);
+        round_trip(Path::new("/dev/shm"), false, InlineIo::Auto);
+        round_trip(Path::new("/dev/shm"), false, InlineIo::Never);
+    }
+
+    #[test]
+    fn inline_is_chosen_for_tmpfs_only() {
+        let tmpfs = TempFile::new(Path::new("/dev/shm"), "kind", MIB as u64);
+        let ext4 = TempFile::new(&std::env::temp_dir(), "kind", MIB as u64);
+        let (reader, _writer) = nix::unistd::pipe().unwrap();
+        assert!(
+            Ring::new(tmpfs.open(true).as_raw_fd())
+                .unwrap()
+                .inline_fd
+                .is_some()
+        );
+        assert!(
+            Ring::new(ext4.open(true).as_raw_fd())
+                .unwrap()
+                .inline_fd
+                .is_none()
+        );
+        assert!(Ring::new(reader.as_raw_fd()).unwrap().inline_fd.is_none());
+        let never = Ring::with_inline(tmpfs.open(true).as_raw_fd(), InlineIo::Never).unwrap();
+        assert!(never.inline_fd.is_none());
+    }
+
+    /// An inline transfer is performed by `submit`, with no SQE and no io-wq worker, and
+    /// reported by the next `drain`; one just above the limit goes to the ring.
+    #[test]
+    fn small_tmpfs_transfers_complete_at_submit_without_a_worker() {
+        std::thread::spawn(|| {
+            let temp = TempFile::new(Path::new("/dev/shm"), "inline", 4 * MIB as u64);
+            let file = temp.open(true);
+            let pool = BufferPool::new(4 * MIB);
+            let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+            ring.push(write(0, filled(&pool, INLINE_IO_BYTES_MAX, 0x3c), true), 1);
+            let mut out = Vec::new();
+            ring.drain(&mut out);
+            assert!(out.is_empty(), "performed only by submit");
+            assert_eq!(ring.in_flight(), 1);
+            assert_eq!(ring.submit().unwrap(), 0, "no SQE for an inline transfer");
+            ring.drain(&mut out);
+            assert_eq!(
+                (out[0].token, out[0].result),
+                (1, Ok(INLINE_IO_BYTES_MAX as u32))
+            );
+            assert_eq!(ring.in_flight(), 0);
+            assert_eq!(io_wq_workers_of_this_thread().0, 0);
+            let data = read_at(&mut ring, &pool, 0, INLINE_IO_BYTES_MAX);
+            assert!(data.iter().all(|&b| b == 0x3c));
+            let above = INLINE_IO_BYTES_MAX + 4096;
+            ring.push(write(MIB as u64, filled(&pool, above, 0x4d), false), 2);
+            assert_eq!(ring.submit().unwrap(), 1, "the larger transfer is an SQE");
+            let done = wait_all(&mut ring, 1);
+            assert_eq!((done[0].token, done[0].result), (2, Ok(above as u32)));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn dropping_the_ring_reports_unperformed_inline_transfers() {
+        let temp = TempFile::new(Path::new("/dev/shm"), "dropinline", MIB as u64);
+        let file = temp.open(true);
+        let pool = BufferPool::new(MIB);
+        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        ring.push(write(0, filled(&pool, 4096, 0x5e), false), 1);
+        assert_eq!(pool.bytes_in_use(), 4096);
+        drop(ring);
+        assert_eq!(pool.bytes_in_use(), 0, "the buffer came back");
+        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        assert_eq!(
+            read_at(&mut ring, &pool, 0, 4096),
+            vec![0; 4096],
+            "never written"
+        );
+    }
+
+    #[test]
+    fn inline_errors_are_reported_like_ring_errors() {
+        let temp = TempFile::new(Path::new("/dev/shm"), "inline-eof", 8192);
+        let file = temp.open(true);
+        let pool = BufferPool::new(MIB);
+        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        assert!(ring.inline_fd.is_some());
+        let crossing = ring.run_to_completion(read(4096, filled(&pool, 16 * KIB, 0)));
+        assert_eq!(crossing.result, Err(libc::EIO));
+        assert_eq!(crossing.buf.unwrap().len(), 16 * KIB);
+        let read_only = OpenOptions::new().read(true).open(&temp.0).unwrap();
+        let mut ring = Ring::new(read_only.as_raw_fd()).unwrap();
+        assert!(ring.inline_fd.is_some());
+        let completion = ring.run_to_completion(write(0, filled(&pool, 4096, 1), false));
+        assert_eq!(completion.result, Err(libc::EBADF));
     }
 
     #[test]
@@ -1095,7 +1349,7 @@ mod tests {
         let temp = TempFile::new(Path::new("/dev/shm"), "burst", (ops_count * 4096) as u64);
         let file = temp.open(true);
         let pool = BufferPool::new(ops_count * 4096);
-        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        let mut ring = Ring::with_inline(file.as_raw_fd(), InlineIo::Never).unwrap();
         for index in 0..ops_count {
             let buf = filled(&pool, 4096, index as u8);
             let offset = (index * 4096) as u64;
@@ -1120,16 +1374,18 @@ mod tests {
 
     #[test]
     fn run_to_completion_keeps_other_completions_for_drain() {
-        let temp = TempFile::new(Path::new("/dev/shm"), "stash", MIB as u64);
-        let file = temp.open(true);
-        let pool = BufferPool::new(MIB);
-        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
-        ring.push(write(0, filled(&pool, 4096, 7), false), 7);
-        assert_eq!(ring.run_to_completion(Op::Fsync).result, Ok(0));
-        let mut out = Vec::new();
-        ring.drain(&mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!((out[0].token, out[0].result), (7, Ok(4096)));
+        for inline in [InlineIo::Auto, InlineIo::Never] {
+            let temp = TempFile::new(Path::new("/dev/shm"), "stash", MIB as u64);
+            let file = temp.open(true);
+            let pool = BufferPool::new(MIB);
+            let mut ring = Ring::with_inline(file.as_raw_fd(), inline).unwrap();
+            ring.push(write(0, filled(&pool, 4096, 7), false), 7);
+            assert_eq!(ring.run_to_completion(Op::Fsync).result, Ok(0));
+            let mut out = Vec::new();
+            ring.drain(&mut out);
+            assert_eq!(out.len(), 1, "{inline:?}");
+            assert_eq!((out[0].token, out[0].result), (7, Ok(4096)));
+        }
     }
 
     #[test]
@@ -1192,7 +1448,7 @@ mod tests {
         let temp = TempFile::new(Path::new("/dev/shm"), "reuse", MIB as u64);
         let file = temp.open(true);
         let pool = BufferPool::new(MIB);
-        let mut ring = Ring::new(file.as_raw_fd()).unwrap();
+        let mut ring = Ring::with_inline(file.as_raw_fd(), InlineIo::Never).unwrap();
         for round in 0..100u64 {
             for index in 0..8 {
                 let buf = filled(&pool, 4096, round as u8);
