@@ -1504,6 +1504,13 @@ impl Engine {
         let mut in_flight_bytes = resync.in_flight_bytes;
         let mut progress = false;
         let bitmap = self.meta.dirty_bitmap();
+        let max_regions = (RESYNC_CHUNK_BYTES / granularity).max(1);
+        // One iterator for the whole step (not a fresh range query per request): the
+        // set regions from the cursor on, in order.
+        let mut dirty = bitmap
+            .range(resync.cursor.min(u64::from(u32::MAX)) as u32..)
+            .map(u64::from)
+            .peekable();
         let mut starts: Vec<ByteRange> = Vec::new();
         while resync.ops.len() + resync.sent.len() + starts.len() < limit
             && resync.cursor < region_count
@@ -1517,13 +1524,13 @@ impl Engine {
             if in_flight_bytes >= RESYNC_IN_FLIGHT_IDLE_BYTES {
                 break;
             }
-            let Some(first) = bitmap.range(resync.cursor as u32..).next().map(u64::from) else {
+            let Some(first) = dirty.next() else {
                 resync.cursor = region_count;
                 break;
             };
-            let max_regions = (RESYNC_CHUNK_BYTES / granularity).max(1);
             let mut end = first + 1;
-            while end < region_count && end - first < max_regions && bitmap.contains(end as u32) {
+            while end < region_count && end - first < max_regions && dirty.peek() == Some(&end) {
+                dirty.next();
                 end += 1;
             }
             resync.cursor = end;
