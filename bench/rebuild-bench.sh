@@ -58,6 +58,8 @@ Usage: bench/rebuild-bench.sh [options]
   --quick              smoke test: 1 round, 3 s runtime (explicit options win)
   --results DIR        where raw results go (default: bench/results/<timestamp>-rebuild/)
   --tmpfs-dir DIR      (default: /dev/shm)
+  --disk-dir DIR       the disks in DIR on a disk filesystem instead (information: the
+                       agents open them O_DIRECT, the volume's disk bounds both copies)
   --port-base N        first TCP port tried; each pair start gets fresh ones (default: 45000)
   --server-cpu N       CPU both agents are confined to (default: 0)
   --fio-cpu N          CPU fio, libnbd and the status poller run on (default: 1)
@@ -71,7 +73,7 @@ EOF
 }
 
 rounds="" load_rounds="" size_mib=1024 percent=1 load_size_mib=4096 load_rate="" runtime=""
-ramp=1 diff=1 full_on=new quick=0 results="" tmpfs_dir=/dev/shm port_base=45000 server_cpu=0 fio_cpu=1
+ramp=1 diff=1 full_on=new quick=0 results="" tmpfs_dir=/dev/shm on_disk=0 port_base=45000 server_cpu=0 fio_cpu=1
 nice=-20 quiet_wait=10 poll_ms=10
 while (($#)); do
     case $1 in
@@ -88,6 +90,7 @@ while (($#)); do
         --quick) quick=1; shift ;;
         --results) results=$2; shift 2 ;;
         --tmpfs-dir) tmpfs_dir=$2; shift 2 ;;
+        --disk-dir) tmpfs_dir=$2; on_disk=1; shift 2 ;;
         --port-base) port_base=$2; shift 2 ;;
         --server-cpu) server_cpu=$2; shift 2 ;;
         --fio-cpu) fio_cpu=$2; shift 2 ;;
@@ -134,7 +137,12 @@ if ((diff)); then
 fi
 [[ -x $MIRRORDISK && -x $MIRRORCTL ]] ||
     die "mirrordisk/mirrorctl not found at $MIRRORDISK, $MIRRORCTL (cargo build --release)"
-[[ $(stat -f -c %T "$tmpfs_dir") == tmpfs ]] || die "$tmpfs_dir is not tmpfs"
+fs_kind=$(stat -f -c %T "$tmpfs_dir")
+if ((on_disk)); then
+    [[ $fs_kind != tmpfs ]] || die "--disk-dir $tmpfs_dir is tmpfs (use --tmpfs-dir)"
+else
+    [[ $fs_kind == tmpfs ]] || die "$tmpfs_dir is not tmpfs (--disk-dir runs on a disk filesystem)"
+fi
 online=$(nproc --all)
 ((server_cpu < online && fio_cpu < online && server_cpu != fio_cpu)) ||
     die "need two distinct online CPUs (server $server_cpu, fio $fio_cpu, $online online)"
@@ -347,7 +355,7 @@ started=$SECONDS
         "sha256 $(sha256sum <"$MIRRORDISK" | cut -c1-12), tree at git" \
         "$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$REPO_ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo ' + local changes'), run as a copy"
     echo "- two agents, \`nice -n $nice taskset -c $server_cpu mirrordisk agent --config CLUSTER.toml --node alpha|beta\`" \
-        "(config: bench/lib.sh repl_write_config, one replication path on loopback), disks on tmpfs ($tmpfs_dir)" \
+        "(config: bench/lib.sh repl_write_config, one replication path on loopback), disks on $fs_kind ($tmpfs_dir)" \
         "created with \`mirrorctl create … --blank\` and filled with the same random data; alpha active;" \
         "the poller, libnbd and fio on CPU $fio_cpu at niceness $nice"
     if ((diff)); then
