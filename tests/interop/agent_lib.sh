@@ -6,6 +6,11 @@
 #   stop_agent NODE           SIGTERM, check exit status 0
 #   jget NODE EXPR            a Python expression on the first mirror's status (m)
 #   wait_for NODE EXPR WANT S poll until EXPR prints WANT, at most S seconds
+#   two_node_config NAME [LINE...]
+#                             a fresh secret ($T/secret), ports A_REPL B_REPL A_NBD B_NBD
+#                             and $T/cluster.toml: cluster NAME, nodes alpha (id 1) and
+#                             beta (id 2), mirror "db" on $S/alpha.img and $S/beta.img
+#                             with peer_timeout_ms = 2000 and the mirror LINEs given
 
 declare -A PIDS=()
 start_agent() { # NODE
@@ -30,4 +35,44 @@ wait_for() { # NODE EXPR WANT TIMEOUT_S
 	wait_until "$4" bash -c "[ \"\$(\"$MIRRORCTL\" status --json --socket '$T/$1.sock' | \"$PYTHON\" -c \"import json,sys; m=json.load(sys.stdin)['mirrors'][0]; print($2)\")\" = '$3' ]" ||
 		fail "$1: $2 did not become '$3' within $4 s (now: $(jget "$1" "$2"))"
 	pass "$1: $2 = $3"
+}
+two_node_config() { # NAME [MIRROR_LINE...]
+	local name=$1 line extra=""
+	shift
+	for line in "$@"; do extra+="$line"$'\n'; done
+	head -c 32 /dev/urandom | base64 >"$T/secret"
+	chmod 600 "$T/secret"
+	A_REPL=$(free_port)
+	B_REPL=$(free_port)
+	A_NBD=$(free_port)
+	B_NBD=$(free_port)
+	cat >"$T/cluster.toml" <<EOF
+[cluster]
+name = "$name"
+secret_file = "$T/secret"
+
+[[node]]
+name = "alpha"
+id = 1
+admin_socket = "$T/alpha.sock"
+
+[[node]]
+name = "beta"
+id = 2
+admin_socket = "$T/beta.sock"
+
+[[mirror]]
+name = "db"
+peer_timeout_ms = 2000
+$extra
+[mirror.node.alpha]
+device = "$S/alpha.img"
+replication = ["127.0.0.1:$A_REPL"]
+nbd_listen = "127.0.0.1:$A_NBD"
+
+[mirror.node.beta]
+device = "$S/beta.img"
+replication = ["127.0.0.1:$B_REPL"]
+nbd_listen = "127.0.0.1:$B_NBD"
+EOF
 }

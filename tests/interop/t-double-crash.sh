@@ -33,48 +33,14 @@ DATA_BYTES=$((1024 * 1024 * 1024))
 WORKLOAD_MIB=64
 LIMIT=$((DATA_BYTES / 10))
 
-head -c 32 /dev/urandom | base64 >"$T/secret"
-chmod 600 "$T/secret"
-A_REPL=$(free_port)
-B_REPL=$(free_port)
-A_NBD=$(free_port)
-B_NBD=$(free_port)
-cat >"$T/cluster.toml" <<EOF
-[cluster]
-name = "double-crash"
-secret_file = "$T/secret"
-
-[[node]]
-name = "alpha"
-id = 1
-admin_socket = "$T/alpha.sock"
-
-[[node]]
-name = "beta"
-id = 2
-admin_socket = "$T/beta.sock"
-
-[[mirror]]
-name = "db"
-peer_timeout_ms = 2000
-
-[mirror.node.alpha]
-device = "$S/alpha.img"
-replication = ["127.0.0.1:$A_REPL"]
-nbd_listen = "127.0.0.1:$A_NBD"
-
-[mirror.node.beta]
-device = "$S/beta.img"
-replication = ["127.0.0.1:$B_REPL"]
-nbd_listen = "127.0.0.1:$B_NBD"
-EOF
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
+two_node_config double-crash
 truncate -s 1088M "$S/alpha.img" "$S/beta.img"
 "$MIRRORCTL" create "$S/alpha.img" --mirror db --node 1 --peer 2 --data-size 1G --blank >/dev/null
 "$MIRRORCTL" create "$S/beta.img" --mirror db --node 2 --peer 1 --data-size 1G --blank >/dev/null
 OFF=$("$MIRRORCTL" inspect "$S/alpha.img" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["layout"]["data_offset"])')
 
-# shellcheck source=tests/interop/agent_lib.sh
-. "$(dirname "$0")/agent_lib.sh"
 wait_acked() { # LOG COUNT
 	wait_until 60 bash -c "n=\$(grep -c '^A ' '$1' 2>/dev/null); [ \"\${n:-0}\" -ge $2 ]" ||
 		fail "the workload did not reach $2 acknowledged writes"

@@ -36,47 +36,13 @@ BLOCK=4096
 WRITES=$((DATA_BYTES / BLOCK * PERCENT / 100))
 SLACK=$((1024 * 1024))
 
-head -c 32 /dev/urandom | base64 >"$T/secret"
-chmod 600 "$T/secret"
-A_REPL=$(free_port)
-B_REPL=$(free_port)
-A_NBD=$(free_port)
-B_NBD=$(free_port)
-cat >"$T/cluster.toml" <<EOF
-[cluster]
-name = "rebuild-diff"
-secret_file = "$T/secret"
-
-[[node]]
-name = "alpha"
-id = 1
-admin_socket = "$T/alpha.sock"
-
-[[node]]
-name = "beta"
-id = 2
-admin_socket = "$T/beta.sock"
-
-[[mirror]]
-name = "db"
-peer_timeout_ms = 2000
-
-[mirror.node.alpha]
-device = "$S/alpha.img"
-replication = ["127.0.0.1:$A_REPL"]
-nbd_listen = "127.0.0.1:$A_NBD"
-
-[mirror.node.beta]
-device = "$S/beta.img"
-replication = ["127.0.0.1:$B_REPL"]
-nbd_listen = "127.0.0.1:$B_NBD"
-EOF
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
+two_node_config rebuild-diff
 truncate -s 1088M "$S/alpha.img" "$S/beta.img"
 "$MIRRORCTL" create "$S/alpha.img" --mirror db --node 1 --peer 2 --data-size 1G --blank >/dev/null
 "$MIRRORCTL" create "$S/beta.img" --mirror db --node 2 --peer 1 --data-size 1G --blank >/dev/null
 
-# shellcheck source=tests/interop/agent_lib.sh
-. "$(dirname "$0")/agent_lib.sh"
 compare_data() { # WHAT
 	qemu-img compare \
 		--image-opts "driver=raw,offset=$OFF,size=$DATA_BYTES,file.filename=$S/alpha.img" \

@@ -36,50 +36,15 @@ DATA_BYTES=$((DATA_MIB * 1024 * 1024))
 LAG_MAX=$((32 * 1024 * 1024))
 OVERLAP_MAX=$((2 * LAG_MAX))
 
-head -c 32 /dev/urandom | base64 >"$T/secret"
-chmod 600 "$T/secret"
-A_REPL=$(free_port)
-B_REPL=$(free_port)
-A_NBD=$(free_port)
-B_NBD=$(free_port)
-cat >"$T/cluster.toml" <<EOF
-[cluster]
-name = "rebuild-resume"
-secret_file = "$T/secret"
-
-[[node]]
-name = "alpha"
-id = 1
-admin_socket = "$T/alpha.sock"
-
-[[node]]
-name = "beta"
-id = 2
-admin_socket = "$T/beta.sock"
-
-[[mirror]]
-name = "db"
-peer_timeout_ms = 2000
-resync_rate = "48M"
-
-[mirror.node.alpha]
-device = "$S/alpha.img"
-replication = ["127.0.0.1:$A_REPL"]
-nbd_listen = "127.0.0.1:$A_NBD"
-
-[mirror.node.beta]
-device = "$S/beta.img"
-replication = ["127.0.0.1:$B_REPL"]
-nbd_listen = "127.0.0.1:$B_NBD"
-EOF
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
+two_node_config rebuild-resume 'resync_rate = "48M"'
 truncate -s $((DATA_MIB + 64))M "$S/alpha.img" "$S/beta.img"
 "$MIRRORCTL" create "$S/alpha.img" --mirror db --node 1 --peer 2 --data-size "${DATA_MIB}M" >/dev/null
 "$MIRRORCTL" create "$S/beta.img" --mirror db --node 2 --peer 1 --data-size "${DATA_MIB}M" >/dev/null
 OFF=$("$MIRRORCTL" inspect "$S/alpha.img" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["layout"]["data_offset"])')
 dd if=/dev/urandom of="$S/alpha.img" bs=1M count="$DATA_MIB" seek="$OFF" oflag=seek_bytes conv=notrunc status=none
 
-# shellcheck source=tests/interop/agent_lib.sh
-. "$(dirname "$0")/agent_lib.sh"
 sent() { jget alpha "m['engine_stats']['resync_bytes_sent']"; }
 
 # ---- 1. both new; the full copy from alpha starts.

@@ -35,48 +35,14 @@ DATA_BYTES=$((256 * 1024 * 1024))
 BLOCK=4096
 SLACK=$((1024 * 1024))
 
-head -c 32 /dev/urandom | base64 >"$T/secret"
-chmod 600 "$T/secret"
-A_REPL=$(free_port)
-B_REPL=$(free_port)
-A_NBD=$(free_port)
-B_NBD=$(free_port)
-cat >"$T/cluster.toml" <<EOF
-[cluster]
-name = "verify"
-secret_file = "$T/secret"
-
-[[node]]
-name = "alpha"
-id = 1
-admin_socket = "$T/alpha.sock"
-
-[[node]]
-name = "beta"
-id = 2
-admin_socket = "$T/beta.sock"
-
-[[mirror]]
-name = "db"
-peer_timeout_ms = 2000
-
-[mirror.node.alpha]
-device = "$S/alpha.img"
-replication = ["127.0.0.1:$A_REPL"]
-nbd_listen = "127.0.0.1:$A_NBD"
-
-[mirror.node.beta]
-device = "$S/beta.img"
-replication = ["127.0.0.1:$B_REPL"]
-nbd_listen = "127.0.0.1:$B_NBD"
-EOF
+# shellcheck source=tests/interop/agent_lib.sh
+. "$(dirname "$0")/agent_lib.sh"
+two_node_config verify
 truncate -s 288M "$S/alpha.img" "$S/beta.img"
 "$MIRRORCTL" create "$S/alpha.img" --mirror db --node 1 --peer 2 --data-size 256M --blank >/dev/null
 "$MIRRORCTL" create "$S/beta.img" --mirror db --node 2 --peer 1 --data-size 256M --blank >/dev/null
 OFF=$("$MIRRORCTL" inspect "$S/beta.img" --json | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["layout"]["data_offset"])')
 
-# shellcheck source=tests/interop/agent_lib.sh
-. "$(dirname "$0")/agent_lib.sh"
 data_opts() { echo "driver=raw,offset=$OFF,size=$DATA_BYTES,file.filename=$1"; }
 compare_data() { # WHAT [EXPECT-DIFFERENT]
 	qemu-img compare --image-opts "$(data_opts "$S/alpha.img")" "$(data_opts "$S/beta.img")" >"$T/compare.out" 2>&1 ||
