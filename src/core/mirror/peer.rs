@@ -1501,6 +1501,11 @@ impl Engine {
         } else {
             RESYNC_IN_FLIGHT_IDLE
         };
+        if resync.ops.len() + resync.sent.len() >= limit || resync.cursor >= region_count {
+            // The window is full (the usual case at every other event) or the pass is
+            // walked: nothing to start.
+            return self.maybe_finish_resync();
+        }
         let mut in_flight_bytes = resync.in_flight_bytes;
         let mut progress = false;
         let bitmap = self.meta.dirty_bitmap();
