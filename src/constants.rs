@@ -48,6 +48,12 @@ pub const NBD_CONNECTIONS_MAX: usize = 64;
 /// nothing allocates beyond it.
 pub const BUFFER_POOL_BYTES_MAX: usize = 64 * MIB as usize;
 
+/// At most this much of the pool is allocated and faulted in when a mirror starts, for
+/// one resync window of region-sized buffers (256 x 4 KiB at the default granularity):
+/// the first window of a differential rebuild then runs on warm memory. Small against
+/// the pool; a larger granularity gets fewer buffers.
+pub const RESYNC_PREWARM_BYTES_MAX: usize = 4 * MIB as usize;
+
 /// Bytes each connection reads from its socket at once. Large enough to take a QD32
 /// burst of 4 KiB writes in one read system call; large WRITE payloads bypass it and
 /// are read straight into their pooled buffer.

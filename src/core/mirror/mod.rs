@@ -16,7 +16,7 @@ pub mod verify;
 
 pub use engine::{Engine, EngineConfig, EngineStats, EngineStatus, PeerStatus};
 pub use generations::{Decision, decide};
-pub use peer::{LinkStatus, ResyncStatus};
+pub use peer::{LinkStatus, RESYNC_IN_FLIGHT_IDLE, ResyncStatus};
 pub use types::{
     Action, ClientOp, DataRef, DiskOp, DiskOpId, PeerDataId, PeerMsg, ReqId, ResyncBufId,
 };
