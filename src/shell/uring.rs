@@ -367,12 +367,15 @@ impl Ring {
 
     /// Operations pushed and not yet reported by `drain` (queued or in the kernel).
     pub fn in_flight(&self) -> usize {
-        self.in_flight_count
+        // Completions filed for `drain` (inline transfers, run_to_completion's others)
+        // are not reported yet either.
+        self.in_flight_count + self.stash.len()
     }
 
     /// `submit`, then blocks until at least `want` completions are available (or an
     /// overflow was flushed). For tools and tests; the data plane polls `fd()` instead.
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        self.run_inline();
         self.refill_from_backlog();
         self.enter(want)
     }

@@ -364,7 +364,11 @@ impl Engine {
         if self.parting() {
             // The peer's half can no longer complete, and our flush alone does not make
             // the writes it covers durable on both sides: the sync point (and any FLUSH
-            // it answers) waits for the link-down, which marks the transfer log dirty.
+            // it answers) waits for the link-down. That only *queues* the transfer log's
+            // dirty marks; what keeps a FLUSH answered before they are durable safe is
+            // the activity log: set_mode(Broken) turns every tracked write into a
+            // Broken-class write, which stays pinned (its extent hot on disk) until its
+            // own dirty bits are durable, and recovery treats hot extents as dirty.
             return Some(PEER_FLUSH_AT_LINK_DOWN);
         }
         self.link_replicating_peer()?;
