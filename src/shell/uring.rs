@@ -377,7 +377,8 @@ impl Ring {
     pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
         self.run_inline();
         self.refill_from_backlog();
-        self.enter(want)
+        // Inline completions already filed count towards `want`.
+        self.enter(want.saturating_sub(self.stash.len()))
     }
 
     /// Pushes `op`, submits and blocks until it completes. For start-up metadata I/O and
@@ -760,6 +761,12 @@ fn write_inline(fd: RawFd, data: &[u8], offset: u64, fua: bool) -> isize {
 fn inline_descriptor(fd: RawFd) -> io::Result<Option<OwnedFd>> {
     // SAFETY: the caller guarantees `fd` is open for the duration of `Ring::new`.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    // Only a regular file: a block device's node lives on devtmpfs, which reports the
+    // tmpfs magic, and a device must keep the asynchronous ring path.
+    let stat = nix::sys::stat::fstat(borrowed)?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(None);
+    }
     let statfs = nix::sys::statfs::fstatfs(borrowed)?;
     let kind = statfs.filesystem_type();
     if kind != nix::sys::statfs::TMPFS_MAGIC {
@@ -1060,6 +1067,13 @@ mod tests {
                 .is_none()
         );
         assert!(Ring::new(reader.as_raw_fd()).unwrap().inline_fd.is_none());
+        // /dev/null's node is on devtmpfs (tmpfs magic) but it is not a regular file.
+        let null = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        assert!(Ring::new(null.as_raw_fd()).unwrap().inline_fd.is_none());
         let never = Ring::with_inline(tmpfs.open(true).as_raw_fd(), InlineIo::Never).unwrap();
         assert!(never.inline_fd.is_none());
     }
